@@ -1,0 +1,50 @@
+"""`python -m segmamba_kernels.info`: what is built and what runs on this machine."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__
+from .dispatch import backend_status, cpu_isa_level, cpu_isa_supported
+
+
+def build_info() -> dict:
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        return {}
+    return BUILD_INFO
+
+
+def report() -> str:
+    info = build_info()
+    lines = [
+        f"segmamba_kernels {__version__}",
+        f"python {platform.python_version()} on {platform.machine()}, torch {torch.__version__}"
+        f" (CUDA {torch.version.cuda}), built against torch {info.get('torch_version', '?')}",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton: not installed")
+    lines.append(f"CPU SIMD: this CPU supports {cpu_isa_supported()}; CPU kernels run at {cpu_isa_level() or 'none built'}")
+    lines.append(f"extensions built: {', '.join(info.get('extensions', [])) or 'none'}")
+    if info:
+        lines.append(f"C++ flags: {' '.join(info['cxx_flags'])}")
+        lines.append(f"CUDA toolkit: {info['cuda_home'] or 'not used'}; arch list: {info['cuda_arch_list'] or '-'}")
+    if torch.cuda.is_available():
+        lines.append(f"CUDA device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append("CUDA device: none")
+    lines.append("backends:")
+    for name, (usable, why) in backend_status().items():
+        lines.append(f"  {name:<10} {'usable' if usable else 'unavailable':<12} {why}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
