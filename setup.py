@@ -6,7 +6,8 @@ time from the CPU's features, so a wheel built here never hits an illegal
 instruction on an older machine.
 
 CUDA: built whenever a toolkit is found (CUDA_HOME / CUDA_PATH, /usr/local/cuda,
-or nvcc on PATH). SEGMAMBA_BUILD_CUDA=0/1 forces it off/on. TORCH_CUDA_ARCH_LIST
+or nvcc on PATH). SEGMAMBA_BUILD_CUDA=0/1 forces it off/on (SEGMAMBA_BUILD_CPU=0
+skips the CPU extensions, for iterating on CUDA code). TORCH_CUDA_ARCH_LIST
 is honoured; the default is "8.0;9.0+PTX".
 """
 
@@ -74,6 +75,8 @@ def _rel(paths: list[str]) -> list[str]:
 
 
 def cpu_extensions() -> list[CppExtension]:
+    if os.environ.get("SEGMAMBA_BUILD_CPU", "1") == "0":  # for iterating on the CUDA build alone
+        return []
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
     levels = X86_ISA_FLAGS if is_x86 else {"baseline": []}
     exts = []
