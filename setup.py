@@ -67,7 +67,7 @@ X86_ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
 }
-COMMON_CXX = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno"]
+COMMON_CXX = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast", "-fno-math-errno"]
 
 
 def _rel(paths: list[str]) -> list[str]:
@@ -99,7 +99,7 @@ def cuda_extensions() -> list[CUDAExtension]:
     if not BUILD_CUDA:
         return []
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                   f"--threads={os.environ.get('SEGMAMBA_NVCC_THREADS', '2')}"]
@@ -108,7 +108,7 @@ def cuda_extensions() -> list[CUDAExtension]:
             name="segmamba_kernels._cuda",
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
         )
     ]
 

@@ -128,6 +128,9 @@ def get_backend(name: str) -> ModuleType:
     raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {name!r}")
 
 
+# torch.compile runs this once while tracing and bakes the answer into the graph: the
+# extension imports and CPU-capability probe inside cannot be traced.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn the `backend=` argument into a concrete backend name for tensors on `device`."""
     if backend == "auto":

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 
 import torch
 
 from . import __version__
 from .dispatch import backend_status, cpu_isa_level, cpu_isa_supported
+
+
+EXTENSION_MODULES = ("_cpu_baseline", "_cpu_avx2", "_cpu_avx512", "_cuda")
 
 
 def build_info() -> dict:
@@ -32,7 +36,9 @@ def report() -> str:
     except ImportError:
         lines.append("triton: not installed")
     lines.append(f"CPU SIMD: this CPU supports {cpu_isa_supported()}; CPU kernels run at {cpu_isa_level() or 'none built'}")
-    lines.append(f"extensions built: {', '.join(info.get('extensions', [])) or 'none'}")
+    # Looked up on disk rather than taken from _build_info: partial rebuilds rewrite that file.
+    present = [name for name in EXTENSION_MODULES if importlib.util.find_spec(f"segmamba_kernels.{name}")]
+    lines.append(f"extensions present: {', '.join(present) or 'none'}")
     if info:
         lines.append(f"C++ flags: {' '.join(info['cxx_flags'])}")
         lines.append(f"CUDA toolkit: {info['cuda_home'] or 'not used'}; arch list: {info['cuda_arch_list'] or '-'}")

@@ -1,0 +1,78 @@
+// Moving (channel, time) tiles between the (batch, dim, L) tensors and small
+// transposed buffers in which one SIMD vector holds W channels at one time step.
+// Storage-dtype conversion (bf16 / fp16 <-> fp32) happens here, once per element.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "simd.h"
+
+namespace segmamba {
+
+// Threads to use for `items` independent work items totalling `work` elementary
+// steps: small problems stay on one thread, since waking an OpenMP team costs
+// more than they take (and much more on a busy machine).
+inline int threads_for(int num_threads, int64_t items, int64_t work) {
+  constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
+  const int64_t by_work = std::max<int64_t>(1, work / kMinWorkPerThread);
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), items, by_work})));
+}
+
+template <class T, class IO>
+SM_INLINE T to_compute(IO x) { return static_cast<T>(x); }
+
+template <class IO, class T>
+SM_INLINE IO to_storage(T x) { return static_cast<IO>(x); }
+
+// dst[t * W + c] = src[c * row_stride + t] for c < lanes, t < steps; zero elsewhere
+// in the [padded_steps][W] tile, so padded lanes and steps contribute nothing.
+// The W rows are W separate memory streams, too many for the hardware prefetcher
+// to follow: the segment `prefetch_ahead` elements away (the chunk that will be
+// loaded next, forwards or backwards in time) is requested now.
+template <class T, class IO>
+inline void load_tile(const IO* src, int64_t row_stride, int lanes, int steps, int padded_steps, T* dst,
+                      int64_t prefetch_ahead) {
+  constexpr int W = simd::V<T>::W;
+  constexpr int kLine = 64 / int(sizeof(IO));
+  std::fill(dst, dst + int64_t(padded_steps) * W, T(0));
+  for (int c = 0; c < lanes; ++c) {
+    const IO* row = src + c * row_stride;
+    for (int t = 0; t < padded_steps; t += kLine) __builtin_prefetch(row + prefetch_ahead + t);
+    for (int t = 0; t < steps; ++t) dst[t * W + c] = to_compute<T>(row[t]);
+  }
+}
+
+template <class T, class IO>
+inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, IO* dst) {
+  constexpr int W = simd::V<T>::W;
+  for (int c = 0; c < lanes; ++c) {
+    IO* row = dst + c * row_stride;
+    for (int t = 0; t < steps; ++t) row[t] = to_storage<IO>(src[t * W + c]);
+  }
+}
+
+// A row of `steps` elements converted to T and zero-padded to `padded`.
+template <class T, class IO>
+inline void load_row(const IO* src, int steps, int padded, T* dst) {
+  for (int t = 0; t < steps; ++t) dst[t] = to_compute<T>(src[t]);
+  std::fill(dst + steps, dst + padded, T(0));
+}
+
+// One vector of per-channel parameters p[d0 .. d0 + lanes), zero-padded.
+template <class T>
+inline simd::vec_t<T> load_channels(const T* p, int lanes) {
+  simd::vec_t<T> v = simd::splat<T>(T(0));
+  for (int c = 0; c < lanes; ++c) v[c] = p[c];
+  return v;
+}
+
+template <class T>
+inline void store_channels(simd::vec_t<T> v, int lanes, T* p) {
+  for (int c = 0; c < lanes; ++c) p[c] = v[c];
+}
+
+}  // namespace segmamba
