@@ -1,6 +1,7 @@
 """Segment BraTS cases with a trained checkpoint: sliding windows, optional mirror TTA, NIfTI out.
 
     python -m segmamba.predict --checkpoint CKPT --input DIR_OR_CASE --out DIR [--tta] [--png]
+    python -m segmamba.predict ... --input DATA --split RUN/split.json --subset test   # held-out cases only
 
 Each case is preprocessed exactly as in training (``segmamba.data.preprocess``: crop to the brain,
 z-score per modality), segmented with MONAI's sliding-window inferer (window = the training crop
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,6 +35,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint
 from .data.brats import VALID_LABELS, Case, find_cases, load_case
 from .data.preprocess import preprocess
+from .data.split import SPLITS
 from .evaluate import read_label
 
 OVERLAP = 0.5
@@ -151,6 +154,22 @@ def input_cases(path: str | os.PathLike) -> list[Path]:
     return [path] if own else find_cases(path)
 
 
+def select_subset(cases: list[Path], split_file: Path, subset: str) -> list[Path]:
+    """The cases of `subset` in a split JSON written by segmamba.train; all of them must be present."""
+    try:
+        split = json.loads(Path(split_file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FileNotFoundError(f"--split: cannot read {split_file}: {e}") from e
+    if not isinstance(split, dict) or not isinstance(split.get(subset), list):
+        raise FileNotFoundError(f"--split: expected a JSON object with a list under {subset!r}, got {split_file}")
+    by_name = {c.name: c for c in cases}
+    missing = sorted(set(split[subset]) - set(by_name))
+    if missing:
+        raise FileNotFoundError(f"--split: {len(missing)} {subset} case(s) not found under --input: "
+                                + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    return [by_name[n] for n in sorted(split[subset])]
+
+
 def _reference(case_dir: Path) -> np.ndarray | None:
     """The case's own segmentation for the picture, if the folder has one."""
     found = [case_dir / f"{case_dir.name}-seg{ext}" for ext in (".nii.gz", ".nii")]
@@ -172,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path,
                    help="one BraTS case folder, or a folder of case folders")
     p.add_argument("--out", required=True, type=Path, help="output folder for <case>.nii.gz (created)")
+    p.add_argument("--split", type=Path, help="split JSON from segmamba.train: predict only the --subset cases")
+    p.add_argument("--subset", choices=SPLITS, default="test", help="which cases of --split (default test)")
     p.add_argument("--tta", action="store_true", help="average over the 8 mirror images (3 axes); 8x slower")
     p.add_argument("--png", action="store_true",
                    help="also write <case>.png: axial/coronal/sagittal slices with outlines over FLAIR")
@@ -191,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tcfg = load_model(args.checkpoint, args.device)
         cases = input_cases(args.input)
+        if args.split is not None:
+            cases = select_subset(cases, args.split, args.subset)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

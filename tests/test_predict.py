@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -205,6 +206,23 @@ def test_cli_single_case_matches_library(tmp_path):
     model, tcfg = load_model(ckpt)
     expected = predict_case(model, load_case(case_dir, with_label=False), tcfg["roi_size"])
     np.testing.assert_array_equal(np.asarray(nib.load(str(out / "S-1.nii.gz")).dataobj), expected)
+
+
+def test_cli_split_selects_held_out_cases_and_names_missing_ones(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "model.pt")
+    data = tmp_path / "data"
+    for i in range(3):
+        write_case(data, f"S-{i}", seed=i)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["S-0"], "val": ["S-1"], "test": ["S-2"]}))
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(ckpt), "--input", str(data), "--out", str(out), "--split", str(split),
+                 "--no-progress"]) == 0
+    assert [p.name for p in out.glob("*.nii.gz")] == ["S-2.nii.gz"]
+    split.write_text(json.dumps({"train": ["S-0"], "val": ["S-1"], "test": ["S-2", "S-9"]}))
+    assert main(["--checkpoint", str(ckpt), "--input", str(data), "--out", str(out), "--split", str(split),
+                 "--no-progress"]) == 2
+    assert "--split: 1 test case(s) not found under --input: S-9" in capsys.readouterr().err
 
 
 def test_cli_passes_inference_options(tmp_path, monkeypatch):
