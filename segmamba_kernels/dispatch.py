@@ -11,6 +11,15 @@ A/D/delta_bias/weight/bias in the compute dtype, float32 or float64):
     causal_conv1d_fwd(x, weight, bias, silu) -> out in x.dtype
     causal_conv1d_bwd(x, weight, bias, silu, dout) -> (dx, dweight, dbias)
 
+A backend may also save states in the forward for its backward (the CPU backend
+does, so that its backward need not re-run the forward recurrence). It then has
+an int attribute SCAN_CHUNK_STATES_STRIDE = S, and its scan functions are
+
+    selective_scan_fwd(..., delta_softplus, save_chunk_states)
+        -> (out, last_state, chunk_states: (batch, ceil(L / S), N, dim) in the compute dtype,
+            the state before every S-th step; empty unless save_chunk_states)
+    selective_scan_bwd(..., delta_softplus, dout, chunk_states) -> as above
+
 The `reference` backend is plain PyTorch (segmamba_kernels.reference) and is
 differentiated by autograd directly.
 """
@@ -126,6 +135,11 @@ def get_backend(name: str) -> ModuleType:
             raise BackendUnavailableError(f"backend 'triton' cannot be imported ({why}); `pip install triton`")
         return mod
     raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {name!r}")
+
+
+def scan_chunk_states_stride(name: str) -> int:
+    """Steps between the states backend `name` saves in its forward for its backward (0: none)."""
+    return getattr(get_backend(name), "SCAN_CHUNK_STATES_STRIDE", 0)
 
 
 # torch.compile runs this once while tracing and bakes the answer into the graph: the

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_causal_conv1d_args, check_selective_scan_args
-from .dispatch import get_backend, resolve_backend
+from .dispatch import get_backend, resolve_backend, scan_chunk_states_stride
 from .reference import causal_conv1d_ref, selective_scan_ref
 
 
@@ -25,42 +25,54 @@ def _compute_dtype(io_dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("segmamba::selective_scan_fwd", mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Optional[Tensor],
-              delta_bias: Tensor, delta_softplus: bool, backend: str) -> tuple[Tensor, Tensor]:
-    out, last_state = get_backend(backend).selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return out, last_state
+              delta_bias: Tensor, delta_softplus: bool, save_states: bool,
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    mod = get_backend(backend)
+    if scan_chunk_states_stride(backend):
+        out, last_state, chunk_states = mod.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                               save_states)
+        return out, last_state, chunk_states
+    out, last_state = mod.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return out, last_state, A.new_empty(0)
 
 
 @_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
-    return torch.empty_like(u), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=A.dtype)
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states, backend):
+    batch, dim, L = u.shape
+    stride = scan_chunk_states_stride(backend)
+    states_shape = (batch, (L + stride - 1) // stride, A.shape[1], dim) if stride and save_states else (0,)
+    return torch.empty_like(u), u.new_empty((batch, dim, A.shape[1]), dtype=A.dtype), A.new_empty(states_shape)
 
 
 @torch.library.custom_op("segmamba::selective_scan_bwd", mutates_args=())
 def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Optional[Tensor],
-              delta_bias: Tensor, delta_softplus: bool, dout: Tensor, backend: str) -> list[Tensor]:
-    grads = get_backend(backend).selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout)
-    return list(grads)
+              delta_bias: Tensor, delta_softplus: bool, dout: Tensor, chunk_states: Tensor,
+              backend: str) -> list[Tensor]:
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout)
+    if scan_chunk_states_stride(backend):
+        args += (chunk_states,)
+    return list(get_backend(backend).selective_scan_bwd(*args))
 
 
 @_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, backend):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, chunk_states, backend):
     dz = torch.empty_like(z) if z is not None else u.new_empty(0)
     return [torch.empty_like(t) for t in (u, delta, A, B, C, D)] + [dz, torch.empty_like(delta_bias)]
 
 
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
     ctx.delta_softplus, ctx.backend = delta_softplus, backend
     # Like mamba_ssm, the final state is an output for chaining inference, not a differentiable one.
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _scan_backward(ctx, dout, _dlast_state):
-    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+def _scan_backward(ctx, dout, _dlast_state, _dchunk_states):
+    u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout.contiguous(), ctx.backend)
-    return du, ddelta, dA, dB, dC, dD, (dz if z is not None else None), ddelta_bias, None, None
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout.contiguous(), chunk_states, ctx.backend)
+    return du, ddelta, dA, dB, dC, dD, (dz if z is not None else None), ddelta_bias, None, None, None
 
 
 _scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -95,9 +107,12 @@ def selective_scan(
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     io, cdt = u.dtype, _compute_dtype(u.dtype)
     dim = u.shape[1]
+    # The backward needs the forward's saved states only when there will be a backward.
+    save_states = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
-    out, last_state = _scan_fwd(
+    out, last_state, _ = _scan_fwd(
         u.contiguous(),
         delta.to(io).contiguous(),
         A.to(cdt).contiguous(),
@@ -107,6 +122,7 @@ def selective_scan(
         z.to(io).contiguous() if z is not None else None,
         delta_bias.to(cdt).contiguous() if delta_bias is not None else u.new_zeros(dim, dtype=cdt),
         bool(delta_softplus),
+        save_states,
         name,
     )
     return (out, last_state) if return_last_state else out

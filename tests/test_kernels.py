@@ -9,11 +9,13 @@ to ~1e-10 of a float64 reference; otherwise float32 is compared with a float64 r
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
 
 import segmamba_kernels as sk
+from segmamba_kernels import dispatch
 from segmamba_kernels import causal_conv1d, causal_conv1d_ref, selective_scan, selective_scan_ref
 
 STATUS = sk.backend_status()
@@ -149,7 +151,7 @@ def test_scan_matches_reference_fp64_or_fp32(backend, case_index, opts):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)],
                          ids=["fp32", "bf16", "fp16"])
 def test_scan_low_precision(backend, dtype, tol):
-    case = ScanCase(1, 5, 33, 4, None) if _tiny(backend) else ScanCase(2, 22, 150, 16, 2)
+    case = ScanCase(1, 5, 33, 4, None) if _tiny(backend) else ScanCase(2, 38, 150, 16, 2)
     check_scan(backend, case, OPTIONS[0], dtype, torch.float64, tol)
 
 
@@ -283,3 +285,26 @@ def test_conv_gradcheck_cpu():
         x, w, b = make_conv_inputs(2, 3, 11, 4, True, torch.float64)
         args = tuple(t.clone().requires_grad_() for t in (x, w, b))
         assert torch.autograd.gradcheck(lambda *a, act=act: causal_conv1d(*a, activation=act, backend="cpu"), args)
+
+
+# --------------------------------------------------------------------------- every CPU ISA level
+
+@pytest.mark.parametrize("level", dispatch.CPU_ISA_LEVELS)
+def test_cpu_isa_level_matches_reference(level, monkeypatch):
+    """Dispatch runs only the best level this CPU has; the lower ones (what older CPUs get) run here too."""
+    _require("cpu")
+    best = dispatch.cpu_isa_supported()
+    if dispatch.CPU_ISA_LEVELS.index(level) < dispatch.CPU_ISA_LEVELS.index(best):
+        pytest.skip(f"this CPU runs up to {best}, not {level}")
+    try:
+        mod = importlib.import_module(f"segmamba_kernels._cpu_{level}")
+    except ImportError as e:
+        pytest.skip(f"{level} kernels not built: {e}")
+    monkeypatch.setattr(dispatch, "_cpu_module", lambda: (mod, level, ""))
+    # dim 19: whole SIMD tiles (moved by in-register transposes) and a partial one at every
+    # width; L = 150: two whole chunks and a partial one.
+    case = ScanCase(2, 19, 150, 16, None)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4), (torch.bfloat16, 3e-2)):
+        check_scan("cpu", case, OPTIONS[0], dtype, torch.float64, tol)
+    check_scan("cpu", case, OPTIONS[1], torch.float64, torch.float64, 1e-10)
+    check_conv("cpu", 2, 19, 150, 4, True, "silu", torch.float64, 1e-12)

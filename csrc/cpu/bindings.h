@@ -73,24 +73,35 @@ scan::Problem<T, IO> scan_problem(const Tensor& u, const Tensor& delta, const Te
   return p;
 }
 
-std::tuple<Tensor, Tensor> selective_scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
-                                              const Tensor& C, const Tensor& D, const std::optional<Tensor>& z,
-                                              const Tensor& delta_bias, bool delta_softplus) {
+// The states the forward saves for the backward: (batch, chunks, N, dim) in the compute dtype.
+inline std::vector<int64_t> chunk_states_shape(const Tensor& u, const Tensor& A) {
+  return {u.size(0), (u.size(2) + scan::kChunk - 1) / scan::kChunk, A.size(1), u.size(1)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A,
+                                                      const Tensor& B, const Tensor& C, const Tensor& D,
+                                                      const std::optional<Tensor>& z, const Tensor& delta_bias,
+                                                      bool delta_softplus, bool save_chunk_states) {
   Tensor out = at::empty_like(u);
   Tensor last_state = at::empty({u.size(0), u.size(1), A.size(1)}, A.options());
+  Tensor chunk_states =
+      at::empty(save_chunk_states ? chunk_states_shape(u, A) : std::vector<int64_t>{0}, A.options());
   dispatch_io(u.scalar_type(), "u", [&](auto io, auto ct) {
     using IO = decltype(io);
     using T = decltype(ct);
     const auto p = scan_problem<T, IO>(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
-    scan::forward(p, out.data_ptr<IO>(), last_state.data_ptr<T>(), at::get_num_threads());
+    scan::forward(p, out.data_ptr<IO>(), last_state.data_ptr<T>(),
+                  save_chunk_states ? chunk_states.data_ptr<T>() : nullptr, at::get_num_threads());
   });
-  return {out, last_state};
+  return {out, last_state, chunk_states};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selective_scan_bwd(
     const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const Tensor& D,
-    const std::optional<Tensor>& z, const Tensor& delta_bias, bool delta_softplus, const Tensor& dout) {
+    const std::optional<Tensor>& z, const Tensor& delta_bias, bool delta_softplus, const Tensor& dout,
+    const Tensor& chunk_states) {
   check_tensor(dout, "dout", u.sizes(), u.scalar_type());
+  check_tensor(chunk_states, "chunk_states", chunk_states_shape(u, A), A.scalar_type());
   Tensor du = at::empty_like(u), ddelta = at::empty_like(u), dB = at::empty_like(B), dC = at::empty_like(C);
   Tensor dz = z ? at::empty_like(*z) : at::empty({0}, u.options());
   Tensor dA = at::empty_like(A), dD = at::empty_like(D), ddelta_bias = at::empty_like(delta_bias);
@@ -101,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selec
     scan::Grads<T, IO> g{du.data_ptr<IO>(), ddelta.data_ptr<IO>(), z ? dz.data_ptr<IO>() : nullptr,
                          dB.data_ptr<IO>(), dC.data_ptr<IO>(), dA.data_ptr<T>(), dD.data_ptr<T>(),
                          ddelta_bias.data_ptr<T>()};
-    scan::backward(p, dout.data_ptr<IO>(), g, at::get_num_threads());
+    scan::backward(p, dout.data_ptr<IO>(), chunk_states.data_ptr<T>(), g, at::get_num_threads());
   });
   return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias};
 }
@@ -161,10 +172,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "segmamba CPU kernels (" SEGMAMBA_ISA_NAME ")";
   m.def("selective_scan_fwd", &segmamba::selective_scan_fwd, "selective scan forward", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
-        py::arg("delta_bias"), py::arg("delta_softplus"));
+        py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("save_chunk_states"));
   m.def("selective_scan_bwd", &segmamba::selective_scan_bwd, "selective scan backward", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
-        py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("dout"));
+        py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("dout"), py::arg("chunk_states"));
+  // Tells segmamba_kernels.ops that this backend's forward saves states for its backward, and their shape.
+  m.attr("SCAN_CHUNK_STATES_STRIDE") = segmamba::scan::kChunk;
   m.def("causal_conv1d_fwd", &segmamba::causal_conv1d_fwd, "causal depthwise conv1d forward", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("silu"));
   m.def("causal_conv1d_bwd", &segmamba::causal_conv1d_bwd, "causal depthwise conv1d backward", py::arg("x"),

@@ -7,7 +7,11 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <new>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -22,11 +26,56 @@ inline int threads_for(int num_threads, int64_t items, int64_t work) {
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), items, by_work})));
 }
 
+// Heap arrays on cache-line boundaries: vector accesses at multiples of W then
+// never straddle two lines (plain new[] only promises 16 bytes).
+constexpr std::size_t kCacheLine = 64;
+
+struct CacheLineDelete {
+  void operator()(void* p) const { ::operator delete[](p, std::align_val_t(kCacheLine)); }
+};
+
+template <class T>
+using aligned_array = std::unique_ptr<T[], CacheLineDelete>;
+
+template <class T>
+aligned_array<T> make_aligned_array(int64_t n) {
+  return aligned_array<T>(static_cast<T*>(::operator new[](std::size_t(n) * sizeof(T), std::align_val_t(kCacheLine))));
+}
+
 template <class T, class IO>
 SM_INLINE T to_compute(IO x) { return static_cast<T>(x); }
 
 template <class IO, class T>
 SM_INLINE IO to_storage(T x) { return static_cast<IO>(x); }
+
+// W consecutive elements as one vector of the compute type.
+template <class T, class IO>
+SM_INLINE simd::vec_t<T> load_vec(const IO* p) {
+  if constexpr (std::is_same_v<T, IO>) {
+    return simd::loadu<T>(p);
+  } else {
+    simd::vec_t<T> v;
+    for (int i = 0; i < simd::V<T>::W; ++i) v[i] = to_compute<T>(p[i]);
+    return v;
+  }
+}
+
+template <class T, class IO>
+SM_INLINE void store_vec(simd::vec_t<T> v, IO* p) {
+  if constexpr (std::is_same_v<T, IO>) {
+    simd::storeu<T>(p, v);
+  } else {
+    for (int i = 0; i < simd::V<T>::W; ++i) p[i] = to_storage<IO>(v[i]);
+  }
+}
+
+// Steps of a tile moved as whole W x W blocks (transposed in registers); the
+// rest, and tiles with fewer than W lanes, go element by element.
+template <class T>
+SM_INLINE int block_steps(int lanes, int steps) {
+  constexpr int W = simd::V<T>::W;
+  return lanes == W ? steps / W * W : 0;
+}
 
 // dst[t * W + c] = src[c * row_stride + t] for c < lanes, t < steps; zero elsewhere
 // in the [padded_steps][W] tile, so padded lanes and steps contribute nothing.
@@ -38,20 +87,34 @@ inline void load_tile(const IO* src, int64_t row_stride, int lanes, int steps, i
                       int64_t prefetch_ahead) {
   constexpr int W = simd::V<T>::W;
   constexpr int kLine = 64 / int(sizeof(IO));
-  std::fill(dst, dst + int64_t(padded_steps) * W, T(0));
+  const int blocked = block_steps<T>(lanes, steps);
+  for (int t = 0; t < blocked; t += W) {
+    simd::vec_t<T> r[W];
+    for (int c = 0; c < W; ++c) r[c] = load_vec<T>(src + c * row_stride + t);
+    simd::transpose<T>(r);
+    for (int i = 0; i < W; ++i) simd::storeu<T>(dst + (t + i) * W, r[i]);
+  }
+  std::fill(dst + int64_t(blocked) * W, dst + int64_t(padded_steps) * W, T(0));
   for (int c = 0; c < lanes; ++c) {
     const IO* row = src + c * row_stride;
     for (int t = 0; t < padded_steps; t += kLine) __builtin_prefetch(row + prefetch_ahead + t);
-    for (int t = 0; t < steps; ++t) dst[t * W + c] = to_compute<T>(row[t]);
+    for (int t = blocked; t < steps; ++t) dst[t * W + c] = to_compute<T>(row[t]);
   }
 }
 
 template <class T, class IO>
 inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, IO* dst) {
   constexpr int W = simd::V<T>::W;
+  const int blocked = block_steps<T>(lanes, steps);
+  for (int t = 0; t < blocked; t += W) {
+    simd::vec_t<T> r[W];
+    for (int i = 0; i < W; ++i) r[i] = simd::loadu<T>(src + (t + i) * W);
+    simd::transpose<T>(r);
+    for (int c = 0; c < W; ++c) store_vec<T>(r[c], dst + c * row_stride + t);
+  }
   for (int c = 0; c < lanes; ++c) {
     IO* row = dst + c * row_stride;
-    for (int t = 0; t < steps; ++t) row[t] = to_storage<IO>(src[t * W + c]);
+    for (int t = blocked; t < steps; ++t) row[t] = to_storage<IO>(src[t * W + c]);
   }
 }
 

@@ -7,11 +7,13 @@
 // N states are processed in groups of up to kMaxStates kept in registers, each
 // group walking the whole chunk.
 //
-// The backward never stores per-step states: a first pass keeps only the state
-// at each chunk boundary (L / kChunk * N vectors per tile, plus u, dt and
-// d softplus of the tile: 3 L vectors, no N factor), then chunks are
-// visited in reverse; each chunk's states are recomputed from its boundary into
-// a small buffer and the reverse recurrence for dL/dh runs over it.
+// Nothing of size (batch, dim, L, N) is ever stored: when a backward will
+// follow, the forward saves the state at each chunk boundary ("chunk states",
+// (batch, chunks, N, dim): N / kChunk floats per element of u). The backward
+// visits chunks in reverse; each chunk's states are recomputed from its
+// boundary into a small buffer and the reverse recurrence for dL/dh runs over it.
+// Saving the boundaries costs the forward a few stores per chunk and spares the
+// backward a whole forward recurrence.
 #pragma once
 
 #include <omp.h>
@@ -71,21 +73,23 @@ struct Workspace {
   std::vector<vec> u, delta, dt, dtu, dsoftplus, z, zsig, dout, dy, y, gb, ddtA;  // [kChunk]
   std::vector<T> B, C;                                                            // [N][kChunk]
   std::vector<vec> A, A2, h, carry, dA;                                           // [N]
-  std::vector<vec> hbound;                                                        // [chunks][N], backward
-  std::vector<vec> saved;  // [chunks][3][kChunk]: u, dt, d softplus of pass 1, reused by pass 2
   std::vector<vec> decrec, arec;                                                    // [kMaxStates][kChunk]
   std::vector<vec> redB, redC;                                                    // [kMaxStates][W]
 
-  Workspace(int64_t N, int64_t chunks_for_backward)
+  explicit Workspace(int64_t N)
       : u(kChunk), delta(kChunk), dt(kChunk), dtu(kChunk), dsoftplus(kChunk), z(kChunk), zsig(kChunk),
         dout(kChunk), dy(kChunk), y(kChunk), gb(kChunk), ddtA(kChunk), B(N * kChunk), C(N * kChunk),
-        A(N), A2(N), h(N), carry(N), dA(N), hbound(chunks_for_backward * N),
-        saved(chunks_for_backward * 3 * kChunk),
-        decrec(kMaxStates * kChunk), arec(kMaxStates * kChunk), redB(kMaxStates * W), redC(kMaxStates * W) {}
+        A(N), A2(N), h(N), carry(N), dA(N), decrec(kMaxStates * kChunk), arec(kMaxStates * kChunk), redB(kMaxStates * W), redC(kMaxStates * W) {}
 };
 
 template <class T>
 SM_INLINE T* scalars(std::vector<simd::vec_t<T>>& v) { return reinterpret_cast<T*>(v.data()); }
+
+// Where the tile's state n before chunk k lives in the (batch, chunks, N, dim) chunk states.
+template <class T, class IO>
+SM_INLINE int64_t chunk_state_offset(const Problem<T, IO>& p, const Tile& tl, int64_t k, int64_t n) {
+  return ((tl.b * p.num_chunks() + k) * p.N + n) * p.dim + tl.d0;
+}
 
 // Calls f(std::integral_constant<int, NB>, n0) for consecutive groups of states covering [0, N).
 template <class F>
@@ -229,7 +233,8 @@ SM_INLINE void reverse_states(const simd::vec_t<T>* A, simd::vec_t<T>* carry, si
 // ------------------------------------------------------------------ forward
 
 template <class T, class IO>
-void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_state, Workspace<T>& ws) {
+void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_state, T* chunk_states,
+                  Workspace<T>& ws) {
   using vec = simd::vec_t<T>;
   load_A(p, tl, ws);
   std::fill(ws.h.begin(), ws.h.end(), simd::splat<T>(T(0)));
@@ -237,6 +242,9 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
   const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L;
   for (int64_t t0 = 0; t0 < p.L; t0 += kChunk) {
     const int steps = int(std::min<int64_t>(kChunk, p.L - t0));
+    if (chunk_states)
+      for (int64_t n = 0; n < p.N; ++n)
+        store_channels(ws.h[n], tl.lanes, chunk_states + chunk_state_offset(p, tl, t0 / kChunk, n));
     load_dt(p, tl, t0, steps, false, kAheadFwd, ws);
     load_bc_rows(p.B, p, tl, t0, steps, ws.B.data());
     load_bc_rows(p.C, p, tl, t0, steps, ws.C.data());
@@ -260,15 +268,16 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
     for (int64_t n = 0; n < p.N; ++n) last_state[(tl.b * p.dim + tl.d0 + c) * p.N + n] = ws.h[n][c];
 }
 
+// chunk_states: nullptr, or room for (batch, chunks, N, dim) values to be filled for the backward.
 template <class T, class IO>
-void forward(const Problem<T, IO>& p, IO* out, T* last_state, int num_threads) {
+void forward(const Problem<T, IO>& p, IO* out, T* last_state, T* chunk_states, int num_threads) {
   const int64_t tiles = p.num_tiles();
   const int threads = threads_for(num_threads, tiles, p.batch * p.dim * p.L * p.N);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    Workspace<T> ws(p.N, 0);
+    Workspace<T> ws(p.N);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < tiles; ++i) forward_tile(p, tile_of(p, i), out, last_state, ws);
+    for (int64_t i = 0; i < tiles; ++i) forward_tile(p, tile_of(p, i), out, last_state, chunk_states, ws);
   }
 }
 
@@ -288,36 +297,14 @@ struct ChannelPartials {
 };
 
 template <class T, class IO>
-void backward_tile(const Problem<T, IO>& p, const IO* dout, const Tile& tl, const Grads<T, IO>& gr,
-                   ChannelPartials<T>& part, T* accB, T* accC, int64_t ld_acc, Workspace<T>& ws) {
+void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, const Tile& tl,
+                   const Grads<T, IO>& gr, ChannelPartials<T>& part, T* accB, T* accC, int64_t ld_acc,
+                   Workspace<T>& ws) {
   using vec = simd::vec_t<T>;
   const vec zero = simd::splat<T>(T(0));
   const int64_t N = p.N, chunks = p.num_chunks();
   const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L;
   load_A(p, tl, ws);
-
-  // Pass 1: states at chunk boundaries (hbound[k] = state before chunk k); the
-  // chunk's u, dt and d softplus are kept for pass 2 (O(L) per tile, no N factor).
-  std::fill(ws.h.begin(), ws.h.end(), zero);
-  for (int64_t k = 0; k < chunks; ++k) {
-    const int64_t t0 = k * kChunk;
-    const int steps = int(std::min<int64_t>(kChunk, p.L - t0));
-    std::copy(ws.h.begin(), ws.h.end(), ws.hbound.begin() + k * N);
-    load_dt(p, tl, t0, steps, true, kAheadFwd, ws);
-    auto saved = ws.saved.begin() + k * 3 * kChunk;
-    std::copy(ws.u.begin(), ws.u.end(), saved);
-    std::copy(ws.dt.begin(), ws.dt.end(), saved + kChunk);
-    std::copy(ws.dsoftplus.begin(), ws.dsoftplus.end(), saved + 2 * kChunk);
-    if (k + 1 == chunks) break;  // the state after the last chunk is not needed
-    load_bc_rows(p.B, p, tl, t0, steps, ws.B.data());
-    for_state_groups(N, [&](auto nb, int64_t n0) {
-      advance_states<T, decltype(nb)::value, false, false>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(),
-                                                           ws.dtu.data(), ws.B.data() + n0 * kChunk, nullptr,
-                                                           nullptr, steps, nullptr, nullptr);
-    });
-  }
-
-  // Pass 2: chunks in reverse.
   const vec Dv = load_channels(p.D + tl.d0, tl.lanes);
   const bool gated = p.z != nullptr;
   std::fill(ws.carry.begin(), ws.carry.end(), zero);
@@ -326,11 +313,7 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const Tile& tl, cons
   for (int64_t k = chunks - 1; k >= 0; --k) {
     const int64_t t0 = k * kChunk;
     const int steps = int(std::min<int64_t>(kChunk, p.L - t0));
-    const auto saved = ws.saved.begin() + k * 3 * kChunk;
-    std::copy(saved, saved + kChunk, ws.u.begin());
-    std::copy(saved + kChunk, saved + 2 * kChunk, ws.dt.begin());
-    std::copy(saved + 2 * kChunk, saved + 3 * kChunk, ws.dsoftplus.begin());
-    for (int t = 0; t < kChunk; ++t) ws.dtu[t] = ws.dt[t] * ws.u[t];
+    load_dt(p, tl, t0, steps, true, kAheadBwd, ws);
     load_bc_rows(p.B, p, tl, t0, steps, ws.B.data());
     load_bc_rows(p.C, p, tl, t0, steps, ws.C.data());
     load_tile(dout + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.dout), kAheadBwd);
@@ -346,7 +329,8 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const Tile& tl, cons
     std::fill(ws.y.begin(), ws.y.end(), zero);
     std::fill(ws.gb.begin(), ws.gb.end(), zero);
     std::fill(ws.ddtA.begin(), ws.ddtA.end(), zero);
-    std::copy(ws.hbound.begin() + k * N, ws.hbound.begin() + (k + 1) * N, ws.h.begin());
+    for (int64_t n = 0; n < N; ++n)
+      ws.h[n] = load_channels(chunk_states + chunk_state_offset(p, tl, k, n), tl.lanes);
     for_state_groups(N, [&](auto nb, int64_t n0) {
       constexpr int NB = decltype(nb)::value;
       const T* Bn = ws.B.data() + n0 * kChunk;
@@ -393,22 +377,23 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const Tile& tl, cons
 // tiles accumulate in place; otherwise every thread accumulates into its own
 // copy ("slot") and the slots are summed in a fixed order (deterministic).
 template <class T, class IO>
-void backward(const Problem<T, IO>& p, const IO* dout, const Grads<T, IO>& gr, int num_threads) {
+void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, const Grads<T, IO>& gr,
+              int num_threads) {
   const int64_t N = p.N, L = p.L, BG = p.batch * p.groups, nblk = p.blocks_per_group();
   const int64_t ld_acc = p.num_chunks() * kChunk;
   const int64_t per_slot = BG * N * ld_acc;
-  const int64_t work = 3 * p.batch * p.dim * L * N;  // pass 1, recompute, reverse
+  const int64_t work = 2 * p.batch * p.dim * L * N;  // recompute, reverse
   const bool by_pair = BG >= threads_for(num_threads, p.num_tiles(), work);
   const int threads = threads_for(num_threads, by_pair ? BG : p.num_tiles(), work);
   const int slots = by_pair ? 1 : threads;
-  std::unique_ptr<T[]> accB(new T[slots * per_slot]), accC(new T[slots * per_slot]);
+  const aligned_array<T> accB = make_aligned_array<T>(slots * per_slot), accC = make_aligned_array<T>(slots * per_slot);
   ChannelPartials<T> part{std::unique_ptr<T[]>(new T[p.batch * p.dim * N]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim])};
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    Workspace<T> ws(N, p.num_chunks());
+    Workspace<T> ws(N);
     if (by_pair) {
 #pragma omp for schedule(static)
       for (int64_t bg = 0; bg < BG; ++bg) {
@@ -417,7 +402,7 @@ void backward(const Problem<T, IO>& p, const IO* dout, const Grads<T, IO>& gr, i
         std::fill(aB, aB + N * ld_acc, T(0));
         std::fill(aC, aC + N * ld_acc, T(0));
         for (int64_t blk = 0; blk < nblk; ++blk)
-          backward_tile(p, dout, tile_of(p, bg * nblk + blk), gr, part, aB, aC, ld_acc, ws);
+          backward_tile(p, dout, chunk_states, tile_of(p, bg * nblk + blk), gr, part, aB, aC, ld_acc, ws);
       }
     } else {
       const int64_t slot = omp_get_thread_num();
@@ -429,7 +414,7 @@ void backward(const Problem<T, IO>& p, const IO* dout, const Grads<T, IO>& gr, i
       for (int64_t i = 0; i < p.num_tiles(); ++i) {
         const Tile tl = tile_of(p, i);
         const int64_t off = (tl.b * p.groups + tl.g) * N * ld_acc;
-        backward_tile(p, dout, tl, gr, part, sB + off, sC + off, ld_acc, ws);
+        backward_tile(p, dout, chunk_states, tl, gr, part, sB + off, sC + off, ld_acc, ws);
       }
     }
 

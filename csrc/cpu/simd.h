@@ -243,6 +243,35 @@ SM_INLINE vec_t<T> reduce_lanes_batch(vec_t<T>* v) {
   }
 }
 
+// Lanes a_k, b_k, a_{k+1}, b_{k+1}, ... from the low (Hi = false) or high halves of a and b.
+template <int W>
+constexpr int zip_index(int i, bool hi) { return (i % 2 ? W : 0) + i / 2 + (hi ? W / 2 : 0); }
+
+template <class T, bool Hi, int... I>
+SM_INLINE vec_t<T> zip_half(vec_t<T> a, vec_t<T> b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, zip_index<V<T>::W>(I, Hi)...);
+}
+
+// Transposes the W x W matrix whose rows are r[0..W), in registers: log2(W)
+// rounds of zipping row i with row i + W/2 (a perfect shuffle), W shuffles each,
+// instead of W^2 scalar moves.
+template <class T>
+SM_INLINE void transpose(vec_t<T>* r) {
+  constexpr int W = V<T>::W;
+  using lanes = std::make_integer_sequence<int, W>;
+#pragma GCC unroll 4
+  for (int round = 1; round < W; round *= 2) {
+    vec_t<T> zipped[W];
+#pragma GCC unroll 16
+    for (int i = 0; i < W / 2; ++i) {
+      zipped[2 * i] = zip_half<T, false>(r[i], r[i + W / 2], lanes{});
+      zipped[2 * i + 1] = zip_half<T, true>(r[i], r[i + W / 2], lanes{});
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) r[i] = zipped[i];
+  }
+}
+
 template <class T>
 SM_INLINE T reduce_lanes(vec_t<T> v) {
   T s = 0;
