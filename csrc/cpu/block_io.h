@@ -39,7 +39,8 @@ using aligned_array = std::unique_ptr<T[], CacheLineDelete>;
 
 template <class T>
 aligned_array<T> make_aligned_array(int64_t n) {
-  return aligned_array<T>(static_cast<T*>(::operator new[](std::size_t(n) * sizeof(T), std::align_val_t(kCacheLine))));
+  void* p = ::operator new[](std::size_t(n) * sizeof(T), std::align_val_t(kCacheLine));
+  return aligned_array<T>(static_cast<T*>(p));
 }
 
 template <class T, class IO>

@@ -73,13 +73,14 @@ struct Workspace {
   std::vector<vec> u, delta, dt, dtu, dsoftplus, z, zsig, dout, dy, y, gb, ddtA;  // [kChunk]
   std::vector<T> B, C;                                                            // [N][kChunk]
   std::vector<vec> A, A2, h, carry, dA;                                           // [N]
-  std::vector<vec> decrec, arec;                                                    // [kMaxStates][kChunk]
+  std::vector<vec> decrec, arec;                                                  // [kMaxStates][kChunk]
   std::vector<vec> redB, redC;                                                    // [kMaxStates][W]
 
   explicit Workspace(int64_t N)
       : u(kChunk), delta(kChunk), dt(kChunk), dtu(kChunk), dsoftplus(kChunk), z(kChunk), zsig(kChunk),
         dout(kChunk), dy(kChunk), y(kChunk), gb(kChunk), ddtA(kChunk), B(N * kChunk), C(N * kChunk),
-        A(N), A2(N), h(N), carry(N), dA(N), decrec(kMaxStates * kChunk), arec(kMaxStates * kChunk), redB(kMaxStates * W), redC(kMaxStates * W) {}
+        A(N), A2(N), h(N), carry(N), dA(N), decrec(kMaxStates * kChunk), arec(kMaxStates * kChunk),
+        redB(kMaxStates * W), redC(kMaxStates * W) {}
 };
 
 template <class T>
@@ -386,7 +387,8 @@ void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, co
   const bool by_pair = BG >= threads_for(num_threads, p.num_tiles(), work);
   const int threads = threads_for(num_threads, by_pair ? BG : p.num_tiles(), work);
   const int slots = by_pair ? 1 : threads;
-  const aligned_array<T> accB = make_aligned_array<T>(slots * per_slot), accC = make_aligned_array<T>(slots * per_slot);
+  const aligned_array<T> accB = make_aligned_array<T>(slots * per_slot);
+  const aligned_array<T> accC = make_aligned_array<T>(slots * per_slot);
   ChannelPartials<T> part{std::unique_ptr<T[]>(new T[p.batch * p.dim * N]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim])};
