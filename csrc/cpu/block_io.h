@@ -7,10 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstddef>
 #include <cstdint>
-#include <memory>
-#include <new>
 #include <type_traits>
 
 #include "simd.h"
@@ -24,23 +21,6 @@ inline int threads_for(int num_threads, int64_t items, int64_t work) {
   constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
   const int64_t by_work = std::max<int64_t>(1, work / kMinWorkPerThread);
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), items, by_work})));
-}
-
-// Heap arrays on cache-line boundaries: vector accesses at multiples of W then
-// never straddle two lines (plain new[] only promises 16 bytes).
-constexpr std::size_t kCacheLine = 64;
-
-struct CacheLineDelete {
-  void operator()(void* p) const { ::operator delete[](p, std::align_val_t(kCacheLine)); }
-};
-
-template <class T>
-using aligned_array = std::unique_ptr<T[], CacheLineDelete>;
-
-template <class T>
-aligned_array<T> make_aligned_array(int64_t n) {
-  void* p = ::operator new[](std::size_t(n) * sizeof(T), std::align_val_t(kCacheLine));
-  return aligned_array<T>(static_cast<T*>(p));
 }
 
 template <class T, class IO>

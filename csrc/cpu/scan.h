@@ -387,8 +387,11 @@ void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, co
   const bool by_pair = BG >= threads_for(num_threads, p.num_tiles(), work);
   const int threads = threads_for(num_threads, by_pair ? BG : p.num_tiles(), work);
   const int slots = by_pair ? 1 : threads;
-  const aligned_array<T> accB = make_aligned_array<T>(slots * per_slot);
-  const aligned_array<T> accC = make_aligned_array<T>(slots * per_slot);
+  // Zeroed, and vector-aligned for the reductions' vector updates (ld_acc is a multiple of W).
+  std::vector<simd::vec_t<T>> accB_storage(slots * per_slot / simd::V<T>::W);
+  std::vector<simd::vec_t<T>> accC_storage(accB_storage.size());
+  T* const accB = scalars<T>(accB_storage);
+  T* const accC = scalars<T>(accC_storage);
   ChannelPartials<T> part{std::unique_ptr<T[]>(new T[p.batch * p.dim * N]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim])};
@@ -399,19 +402,15 @@ void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, co
     if (by_pair) {
 #pragma omp for schedule(static)
       for (int64_t bg = 0; bg < BG; ++bg) {
-        T* aB = accB.get() + bg * N * ld_acc;
-        T* aC = accC.get() + bg * N * ld_acc;
-        std::fill(aB, aB + N * ld_acc, T(0));
-        std::fill(aC, aC + N * ld_acc, T(0));
+        T* aB = accB + bg * N * ld_acc;
+        T* aC = accC + bg * N * ld_acc;
         for (int64_t blk = 0; blk < nblk; ++blk)
           backward_tile(p, dout, chunk_states, tile_of(p, bg * nblk + blk), gr, part, aB, aC, ld_acc, ws);
       }
     } else {
       const int64_t slot = omp_get_thread_num();
-      T* sB = accB.get() + slot * per_slot;
-      T* sC = accC.get() + slot * per_slot;
-      std::fill(sB, sB + per_slot, T(0));
-      std::fill(sC, sC + per_slot, T(0));
+      T* sB = accB + slot * per_slot;
+      T* sC = accC + slot * per_slot;
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < p.num_tiles(); ++i) {
         const Tile tl = tile_of(p, i);
