@@ -28,11 +28,10 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
               delta_bias: Tensor, delta_softplus: bool, save_states: bool,
               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if scan_chunk_states_stride(backend):
-        out, last_state, chunk_states = mod.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                               save_states)
-        return out, last_state, chunk_states
-    out, last_state = mod.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return tuple(mod.selective_scan_fwd(*args, save_states))
+    out, last_state = mod.selective_scan_fwd(*args)
     return out, last_state, A.new_empty(0)
 
 
