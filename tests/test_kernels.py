@@ -67,7 +67,7 @@ class ScanCase:
         return f"b{self.batch}-d{self.dim}-L{self.L}-N{self.N}-g{self.groups}"
 
 
-# L = 1; odd L; L not a multiple of the CPU chunk (64) over 2 chunks; several chunks.
+# L = 1; odd L; L not a multiple of the CPU chunk (32 with AVX-512, else 64) over several chunks.
 # dim 22 = 2 groups of 11 and dim 19: never a multiple of any SIMD width.
 CPU_SCAN_CASES = [
     ScanCase(2, 22, 1, 4, 2),
@@ -308,3 +308,19 @@ def test_cpu_isa_level_matches_reference(level, monkeypatch):
         check_scan("cpu", case, OPTIONS[0], dtype, torch.float64, tol)
     check_scan("cpu", case, OPTIONS[1], torch.float64, torch.float64, 1e-10)
     check_conv("cpu", 2, 19, 150, 4, True, "silu", torch.float64, 1e-12)
+
+
+@pytest.mark.parametrize("case", [ScanCase(1, 40, 300, 16, None), ScanCase(2, 40, 300, 16, None)], ids=str)
+def test_cpu_scan_split_over_threads(case):
+    """Fewer (batch, group) pairs than threads: the CPU backward splits a group's channels over
+    threads and adds their dB / dC sums; with 3 threads the ranges are uneven and one crosses
+    from one batch element to the next."""
+    _require("cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        check_scan("cpu", case, OPTIONS[0], torch.float64, torch.float64, 1e-10)
+        check_scan("cpu", case, OPTIONS[1], torch.float64, torch.float64, 1e-10)
+        check_scan("cpu", case, OPTIONS[0], torch.bfloat16, torch.float64, 3e-2)
+    finally:
+        torch.set_num_threads(before)

@@ -99,9 +99,12 @@ inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, I
   }
 }
 
-// A row of `steps` elements converted to T and zero-padded to `padded`.
+// A row of `steps` elements converted to T and zero-padded to `padded`; the
+// segment `prefetch_ahead` elements away is requested now (see load_tile).
 template <class T, class IO>
-inline void load_row(const IO* src, int steps, int padded, T* dst) {
+inline void load_row(const IO* src, int steps, int padded, T* dst, int64_t prefetch_ahead) {
+  constexpr int kLine = 64 / int(sizeof(IO));
+  for (int t = 0; t < padded; t += kLine) __builtin_prefetch(src + prefetch_ahead + t);
   for (int t = 0; t < steps; ++t) dst[t] = to_compute<T>(src[t]);
   std::fill(dst + steps, dst + padded, T(0));
 }
@@ -109,6 +112,7 @@ inline void load_row(const IO* src, int steps, int padded, T* dst) {
 // One vector of per-channel parameters p[d0 .. d0 + lanes), zero-padded.
 template <class T>
 inline simd::vec_t<T> load_channels(const T* p, int lanes) {
+  if (lanes == simd::V<T>::W) return simd::loadu<T>(p);
   simd::vec_t<T> v = simd::splat<T>(T(0));
   for (int c = 0; c < lanes; ++c) v[c] = p[c];
   return v;
@@ -116,6 +120,7 @@ inline simd::vec_t<T> load_channels(const T* p, int lanes) {
 
 template <class T>
 inline void store_channels(simd::vec_t<T> v, int lanes, T* p) {
+  if (lanes == simd::V<T>::W) return simd::storeu<T>(p, v);
   for (int c = 0; c < lanes; ++c) p[c] = v[c];
 }
 

@@ -1,17 +1,17 @@
 // Selective scan (design.md §3) forward and backward on the CPU.
 //
 // Layout of the work: one work item ("tile") is W consecutive channels of one
-// (batch, group), so a SIMD vector holds W channels and B/C are scalars shared
-// by all lanes. Time is walked in chunks of kChunk steps; the chunk's inputs are
-// converted once into transposed tiles. States are independent across n, so the
-// N states are processed in groups of up to kMaxStates kept in registers, each
-// group walking the whole chunk.
+// (batch, group) in the forward, up to kBwdVectors such blocks in the backward,
+// so a SIMD vector holds W channels and B/C are scalars shared by all lanes.
+// Time is walked in chunks of kChunk steps; the chunk's inputs are converted once
+// into transposed tiles. States are independent across n, so the N states are
+// processed in groups kept in registers, each group walking the whole chunk.
 //
 // Nothing of size (batch, dim, L, N) is ever stored: when a backward will
 // follow, the forward saves the state at each chunk boundary ("chunk states",
 // (batch, chunks, N, dim): N / kChunk floats per element of u). The backward
 // visits chunks in reverse; each chunk's states are recomputed from its
-// boundary into a small buffer and the reverse recurrence for dL/dh runs over it.
+// boundary, recording what the reverse recurrence for dL/dh then reads back.
 // Saving the boundaries costs the forward a few stores per chunk and spares the
 // backward a whole forward recurrence.
 #pragma once
@@ -28,11 +28,20 @@
 namespace segmamba {
 namespace scan {
 
-constexpr int kChunk = 64;  // a multiple of every W
+// Steps per chunk, a multiple of every W: short enough that the backward's per-chunk
+// records (which grow with the vector width) stay near L1, long enough to keep the
+// saved chunk states (N / kChunk floats per element) small.
+constexpr int kChunk = SEGMAMBA_VEC_BYTES == 64 ? 32 : 64;
 // How far ahead the per-channel rows are prefetched (elements; backwards in the backward pass).
 constexpr int64_t kAheadFwd = 2 * kChunk, kAheadBwd = -2 * kChunk;
 // States per register-resident group: AVX-512 has 32 vector registers, the others 16.
 constexpr int kMaxStates = SEGMAMBA_VEC_BYTES == 64 ? 8 : 4;
+// The backward keeps per state and vector a carry and a dA accumulator in registers,
+// and (AVX-512) walks up to three SIMD blocks of channels at once ("vectors") so
+// that the lane reductions of dB and dC, the most expensive part of its reverse
+// pass, are shared by all of them.
+constexpr int kBwdVectors = SEGMAMBA_VEC_BYTES == 64 ? 3 : 1;
+constexpr int kMaxStatesBwd = 4;
 
 template <class T, class IO>
 struct Problem {
@@ -48,6 +57,7 @@ struct Problem {
   int64_t num_chunks() const { return (L + kChunk - 1) / kChunk; }
 };
 
+// One SIMD block: up to W consecutive channels of one (batch, group).
 struct Tile {
   int64_t b, g, d0;
   int lanes;
@@ -65,26 +75,32 @@ Tile tile_of(const Problem<T, IO>& p, int64_t i) {
   return t;
 }
 
-// Per-thread scratch, reused across tiles.
+// Per-thread scratch, reused across tiles. Per-step buffers hold kBwdVectors
+// blocks of kChunk steps ([vector][step]); the forward uses the first block.
 template <class T>
 struct Workspace {
   using vec = simd::vec_t<T>;
   static constexpr int W = simd::V<T>::W;
-  std::vector<vec> u, delta, dt, dtu, dsoftplus, z, zsig, dout, dy, y, gb, ddtA;  // [kChunk]
+  std::vector<vec> u, dt, dtu, dsoftplus, z, zsig, dout, dy, y, gb, ddtA;  // [V][kChunk]
   std::vector<T> B, C;                                                            // [N][kChunk]
-  std::vector<vec> A, A2, h, carry, dA;                                           // [N]
-  std::vector<vec> decrec, arec;                                                  // [kMaxStates][kChunk]
-  std::vector<vec> redB, redC;                                                    // [kMaxStates][W]
+  std::vector<vec> A, A2, h, carry, dA;                                           // [N][V]
+  std::vector<vec> decrec, arec;  // [kMaxStatesBwd][V][kChunk]
+  std::vector<vec> redB, redC;    // [kMaxStatesBwd][W]
 
   explicit Workspace(int64_t N)
-      : u(kChunk), delta(kChunk), dt(kChunk), dtu(kChunk), dsoftplus(kChunk), z(kChunk), zsig(kChunk),
-        dout(kChunk), dy(kChunk), y(kChunk), gb(kChunk), ddtA(kChunk), B(N * kChunk), C(N * kChunk),
-        A(N), A2(N), h(N), carry(N), dA(N), decrec(kMaxStates * kChunk), arec(kMaxStates * kChunk),
-        redB(kMaxStates * W), redC(kMaxStates * W) {}
+      : u(kV), dt(kV), dtu(kV), dsoftplus(kV), z(kV), zsig(kV), dout(kV), dy(kV), y(kV), gb(kV),
+        ddtA(kV), B(N * kChunk), C(N * kChunk), A(N * kBwdVectors), A2(N * kBwdVectors), h(N * kBwdVectors),
+        carry(N * kBwdVectors), dA(N * kBwdVectors), decrec(kMaxStatesBwd * kV), arec(kMaxStatesBwd * kV),
+        redB(kMaxStatesBwd * W), redC(kMaxStatesBwd * W) {}
+
+ private:
+  static constexpr int kV = kBwdVectors * kChunk;
 };
 
 template <class T>
 SM_INLINE T* scalars(std::vector<simd::vec_t<T>>& v) { return reinterpret_cast<T*>(v.data()); }
+template <class T>
+SM_INLINE T* scalars(simd::vec_t<T>* v) { return reinterpret_cast<T*>(v); }
 
 // Where the tile's state n before chunk k lives in the (batch, chunks, N, dim) chunk states.
 template <class T, class IO>
@@ -93,141 +109,182 @@ SM_INLINE int64_t chunk_state_offset(const Problem<T, IO>& p, const Tile& tl, in
 }
 
 // Calls f(std::integral_constant<int, NB>, n0) for consecutive groups of states covering [0, N).
-template <class F>
+template <int kMax, class F>
 SM_INLINE void for_state_groups(int64_t N, F&& f) {
   int64_t n = 0;
-  if constexpr (kMaxStates >= 8)
+  if constexpr (kMax >= 8)
     for (; n + 8 <= N; n += 8) f(std::integral_constant<int, 8>{}, n);
-  for (; n + 4 <= N; n += 4) f(std::integral_constant<int, 4>{}, n);
-  if (n + 2 <= N) {
-    f(std::integral_constant<int, 2>{}, n);
-    n += 2;
-  }
+  if constexpr (kMax >= 4)
+    for (; n + 4 <= N; n += 4) f(std::integral_constant<int, 4>{}, n);
+  for (; n + 2 <= N; n += 2) f(std::integral_constant<int, 2>{}, n);
   if (n < N) f(std::integral_constant<int, 1>{}, n);
 }
 
-// Per-channel A (and A * log2(e), the argument scale of exp2) as vectors.
+// Per-channel A (and A * log2(e), the argument scale of exp2) as vectors, state n
+// at A[n * stride].
 template <class T, class IO>
-void load_A(const Problem<T, IO>& p, const Tile& tl, Workspace<T>& ws) {
+void load_A(const Problem<T, IO>& p, const Tile& tl, int stride, simd::vec_t<T>* A, simd::vec_t<T>* A2) {
   for (int64_t n = 0; n < p.N; ++n) {
     simd::vec_t<T> a = simd::splat<T>(T(0));
     for (int c = 0; c < tl.lanes; ++c) a[c] = p.A[(tl.d0 + c) * p.N + n];
-    ws.A[n] = a;
-    ws.A2[n] = a * simd::kLog2e<T>;
+    A[n * stride] = a;
+    A2[n * stride] = a * simd::kLog2e<T>;
   }
 }
 
-// Loads u and delta of one chunk and derives dt (bias, softplus), dt * u and,
+// Loads u and delta of one chunk of block tl into the kChunk steps starting at
+// index `at` of the per-step buffers, and derives dt (bias, softplus), dt * u and,
 // when asked, d softplus / d(delta + bias).
 template <class T, class IO>
 void load_dt(const Problem<T, IO>& p, const Tile& tl, int64_t t0, int steps, bool with_dsoftplus, int64_t ahead,
-             Workspace<T>& ws) {
+             Workspace<T>& ws, int at = 0) {
   using vec = simd::vec_t<T>;
   const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L + t0;
-  load_tile(p.u + row0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.u), ahead);
-  load_tile(p.delta + row0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.delta), ahead);
+  vec *u = ws.u.data() + at, *dt = ws.dt.data() + at, *dtu = ws.dtu.data() + at;
+  vec* dsoftplus = ws.dsoftplus.data() + at;
+  load_tile(p.u + row0, p.L, tl.lanes, steps, kChunk, scalars<T>(u), ahead);
+  load_tile(p.delta + row0, p.L, tl.lanes, steps, kChunk, scalars<T>(dt), ahead);  // delta, then dt in place
   const vec bias = load_channels(p.delta_bias + tl.d0, tl.lanes);
   for (int t = 0; t < kChunk; ++t) {
-    const vec s = ws.delta[t] + bias;
-    const vec dt = p.softplus ? simd::softplus<T>(s) : s;
-    ws.dt[t] = dt;
-    ws.dtu[t] = dt * ws.u[t];
-    // torch's softplus is the identity above 20, so its derivative is exactly 1 there.
-    if (with_dsoftplus) ws.dsoftplus[t] = s > T(20) ? simd::splat<T>(T(1)) : simd::sigmoid<T>(s);
+    const vec s = dt[t] + bias;
+    vec d = s;
+    if (p.softplus) d = with_dsoftplus ? simd::softplus<T, true>(s, &dsoftplus[t]) : simd::softplus<T>(s);
+    dt[t] = d;
+    dtu[t] = d * u[t];
   }
 }
 
 template <class T, class IO>
-void load_bc_rows(const IO* src, const Problem<T, IO>& p, const Tile& tl, int64_t t0, int steps, T* dst) {
-  const IO* base = src + (tl.b * p.groups + tl.g) * p.N * p.L + t0;
-  for (int64_t n = 0; n < p.N; ++n) load_row(base + n * p.L, steps, kChunk, dst + n * kChunk);
+void load_bc_rows(const IO* src, const Problem<T, IO>& p, const Tile& tl, int64_t t0, int steps, int64_t ahead,
+                  T* dst) {
+  const IO* base = src + (tl.b * p.groups + tl.g) * p.N * p.L;
+  for (int64_t n = 0; n < p.N; ++n) load_row(base + n * p.L + t0, steps, kChunk, dst + n * kChunk, ahead);
 }
 
-// Advances NB states over `steps` steps of a chunk:
-//   h_t = a_t h_{t-1} + dt u B with a_t = exp(dt * A);  y += C . h_t  (kY);
-//   a_t h_{t-1} and a_t recorded (kRecord) for the reverse pass.
-template <class T, int NB, bool kY, bool kRecord>
+// Where a tile's shares of dB and dC go: N rows of L values for its (batch, group),
+// added to, or stored by the first tile to reach them (`overwrite`).
+template <class T>
+struct BCRows {
+  T *B, *C;
+  int64_t L;
+  bool overwrite;
+};
+
+// acc[i] += the sum of the lanes of red[i], for i < min(W, valid) (= when overwriting).
+template <class T>
+SM_INLINE void add_lane_sums(simd::vec_t<T>* red, T* acc, int64_t valid, bool overwrite) {
+  constexpr int W = simd::V<T>::W;
+  const simd::vec_t<T> s = simd::reduce_lanes_batch<T>(red);
+  if (valid >= W) {
+    simd::storeu<T>(acc, overwrite ? s : simd::loadu<T>(acc) + s);
+  } else {
+    for (int i = 0; i < valid; ++i) acc[i] = overwrite ? s[i] : acc[i] + s[i];
+  }
+}
+
+// Advances NB states of V vectors over `steps` steps of a chunk (state k of
+// vector v at h[k * V + v]; per-step buffers [V][kChunk]):
+//   h_t = a_t h_{t-1} + dt u B with a_t = exp(dt * A);  y += C . h_t  (kY).
+// kRecord (the backward's recompute, always whole chunks): a_t h_{t-1} and a_t are
+// recorded for the reverse pass, and dy_t h_t summed over the channels goes to dC
+// (rows.C + k * L for state k, offset to the chunk's first step; `valid` steps).
+template <class T, int NB, int V, bool kY, bool kRecord>
 SM_INLINE void advance_states(const simd::vec_t<T>* A2, simd::vec_t<T>* h, const simd::vec_t<T>* dt,
                               const simd::vec_t<T>* dtu, const T* Bn, const T* Cn, simd::vec_t<T>* y,
-                              int steps, simd::vec_t<T>* decrec, simd::vec_t<T>* arec) {
+                              int steps, const simd::vec_t<T>* dy, simd::vec_t<T>* decrec,
+                              simd::vec_t<T>* arec, simd::vec_t<T>* redC, BCRows<T> rows, int64_t valid) {
   using vec = simd::vec_t<T>;
-  vec a2[NB], hh[NB];
-  for (int k = 0; k < NB; ++k) {
-    a2[k] = A2[k];
-    hh[k] = h[k];
+  constexpr int W = simd::V<T>::W;
+  vec a2[NB * V], hh[NB * V];
+  for (int i = 0; i < NB * V; ++i) {
+    a2[i] = A2[i];
+    hh[i] = h[i];
   }
   for (int t = 0; t < steps; ++t) {
-    const vec d = dt[t], du = dtu[t];
-    vec acc = simd::splat<T>(T(0));
+    vec acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = simd::splat<T>(T(0));
 #pragma GCC unroll 8
     for (int k = 0; k < NB; ++k) {
-      const vec e = simd::exp2<T>(d * a2[k]);
-      if constexpr (kRecord) {
-        const vec decayed = e * hh[k];
-        hh[k] = decayed + du * Bn[k * kChunk + t];
-        decrec[k * kChunk + t] = decayed;
-        arec[k * kChunk + t] = e;
-      } else {
-        hh[k] = e * hh[k] + du * Bn[k * kChunk + t];
+      const T b = Bn[k * kChunk + t], c = Cn[k * kChunk + t];
+      vec dc = simd::splat<T>(T(0));
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        const int i = k * V + v;
+        const vec e = simd::exp2<T>(dt[v * kChunk + t] * a2[i]);
+        if constexpr (kRecord) {
+          const vec decayed = e * hh[i];
+          hh[i] = decayed + dtu[v * kChunk + t] * b;
+          decrec[i * kChunk + t] = decayed;
+          arec[i * kChunk + t] = e;
+          dc += dy[v * kChunk + t] * hh[i];
+        } else {
+          hh[i] = e * hh[i] + dtu[v * kChunk + t] * b;
+        }
+        if constexpr (kY) acc[v] += hh[i] * c;
       }
-      if constexpr (kY) acc += hh[k] * Cn[k * kChunk + t];
+      if constexpr (kRecord) redC[k * W + t % W] = dc;
     }
-    if constexpr (kY) y[t] += acc;
+    if constexpr (kY)
+      for (int v = 0; v < V; ++v) y[v * kChunk + t] += acc[v];
+    if constexpr (kRecord)
+      if (t % W == W - 1)
+        for (int k = 0; k < NB; ++k)
+          add_lane_sums<T>(redC + k * W, rows.C + k * rows.L + t - (W - 1), valid - (t - (W - 1)), rows.overwrite);
   }
-  for (int k = 0; k < NB; ++k) h[k] = hh[k];
+  for (int i = 0; i < NB * V; ++i) h[i] = hh[i];
 }
 
-// Reverse recurrence over one whole chunk for NB states, from recorded a_t h_{t-1}, a_t:
+// Reverse recurrence over one whole chunk for NB states of V vectors, from the
+// recorded a_t h_{t-1}, a_t:
 //   g_t = dy_t C_t + a_{t+1} g_{t+1}           (carry = a_{t+1} g_{t+1})
-//   dB_t += g_t dt_t u_t,  dC_t += dy_t h_t    (summed over the tile's channels)
+//   dB_t += sum over channels of g_t dt_t u_t  (rows.B, as dC in advance_states)
 //   gb_t += g_t B_t                            (-> du = gb dt, ddt = gb u)
 //   x = g_t a_t h_{t-1}:  ddt += x A,  dA += x dt
 // a_t h_{t-1} is recorded rather than recovered as h_t - dt u B, which cancels
 // badly when a_t is tiny and |A| large.
-template <class T, int NB>
+template <class T, int NB, int V>
 SM_INLINE void reverse_states(const simd::vec_t<T>* A, simd::vec_t<T>* carry, simd::vec_t<T>* dA,
                               const simd::vec_t<T>* decrec, const simd::vec_t<T>* arec, const simd::vec_t<T>* dt,
                               const simd::vec_t<T>* dtu, const simd::vec_t<T>* dy, const T* Bn, const T* Cn,
-                              simd::vec_t<T>* gb, simd::vec_t<T>* ddtA, simd::vec_t<T>* redB,
-                              simd::vec_t<T>* redC, T* accB, T* accC, int64_t ld_acc) {
+                              simd::vec_t<T>* gb, simd::vec_t<T>* ddtA, simd::vec_t<T>* redB, BCRows<T> rows,
+                              int64_t valid) {
   using vec = simd::vec_t<T>;
   constexpr int W = simd::V<T>::W;
-  vec c[NB], av[NB], da[NB];
-  for (int k = 0; k < NB; ++k) {
-    c[k] = carry[k];
-    av[k] = A[k];
-    da[k] = dA[k];
+  vec c[NB * V], da[NB * V];
+  for (int i = 0; i < NB * V; ++i) {
+    c[i] = carry[i];
+    da[i] = dA[i];
   }
   for (int t = kChunk - 1; t >= 0; --t) {
-    const vec dyt = dy[t], dut = dtu[t], dtt = dt[t];
-    vec gbt = simd::splat<T>(T(0)), ddt = simd::splat<T>(T(0));
+    vec gbt[V], ddt[V];
+    for (int v = 0; v < V; ++v) gbt[v] = ddt[v] = simd::splat<T>(T(0));
 #pragma GCC unroll 8
     for (int k = 0; k < NB; ++k) {
-      const T b = Bn[k * kChunk + t];
-      const vec decayed = decrec[k * kChunk + t];
-      const vec g = dyt * Cn[k * kChunk + t] + c[k];
-      c[k] = arec[k * kChunk + t] * g;
-      redB[k * W + t % W] = g * dut;
-      redC[k * W + t % W] = dyt * (decayed + dut * b);
-      gbt += g * b;
-      const vec x = g * decayed;
-      ddt += x * av[k];
-      da[k] += x * dtt;
-    }
-    gb[t] += gbt;
-    ddtA[t] += ddt;
-    if (t % W == 0) {
-      for (int k = 0; k < NB; ++k) {
-        T* rb = accB + k * ld_acc + t;
-        T* rc = accC + k * ld_acc + t;
-        simd::storeu<T>(rb, simd::loadu<T>(rb) + simd::reduce_lanes_batch<T>(redB + k * W));
-        simd::storeu<T>(rc, simd::loadu<T>(rc) + simd::reduce_lanes_batch<T>(redC + k * W));
+      const T b = Bn[k * kChunk + t], cc = Cn[k * kChunk + t];
+      vec db = simd::splat<T>(T(0));
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        const int i = k * V + v;
+        const vec g = dy[v * kChunk + t] * cc + c[i];
+        c[i] = arec[i * kChunk + t] * g;
+        db += g * dtu[v * kChunk + t];
+        gbt[v] += g * b;
+        const vec x = g * decrec[i * kChunk + t];
+        ddt[v] += x * A[i];
+        da[i] += x * dt[v * kChunk + t];
       }
+      redB[k * W + t % W] = db;
     }
+    for (int v = 0; v < V; ++v) {
+      gb[v * kChunk + t] += gbt[v];
+      ddtA[v * kChunk + t] += ddt[v];
+    }
+    if (t % W == 0)
+      for (int k = 0; k < NB; ++k) add_lane_sums<T>(redB + k * W, rows.B + k * rows.L + t, valid - t, rows.overwrite);
   }
-  for (int k = 0; k < NB; ++k) {
-    carry[k] = c[k];
-    dA[k] = da[k];
+  for (int i = 0; i < NB * V; ++i) {
+    carry[i] = c[i];
+    dA[i] = da[i];
   }
 }
 
@@ -237,7 +294,7 @@ template <class T, class IO>
 void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_state, T* chunk_states,
                   Workspace<T>& ws) {
   using vec = simd::vec_t<T>;
-  load_A(p, tl, ws);
+  load_A(p, tl, 1, ws.A.data(), ws.A2.data());
   std::fill(ws.h.begin(), ws.h.end(), simd::splat<T>(T(0)));
   const vec Dv = load_channels(p.D + tl.d0, tl.lanes);
   const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L;
@@ -247,14 +304,14 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
       for (int64_t n = 0; n < p.N; ++n)
         store_channels(ws.h[n], tl.lanes, chunk_states + chunk_state_offset(p, tl, t0 / kChunk, n));
     load_dt(p, tl, t0, steps, false, kAheadFwd, ws);
-    load_bc_rows(p.B, p, tl, t0, steps, ws.B.data());
-    load_bc_rows(p.C, p, tl, t0, steps, ws.C.data());
+    load_bc_rows(p.B, p, tl, t0, steps, kAheadFwd, ws.B.data());
+    load_bc_rows(p.C, p, tl, t0, steps, kAheadFwd, ws.C.data());
     std::fill(ws.y.begin(), ws.y.end(), simd::splat<T>(T(0)));
-    for_state_groups(p.N, [&](auto nb, int64_t n0) {
-      advance_states<T, decltype(nb)::value, true, false>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(),
-                                                          ws.dtu.data(), ws.B.data() + n0 * kChunk,
-                                                          ws.C.data() + n0 * kChunk, ws.y.data(), steps,
-                                                          nullptr, nullptr);
+    for_state_groups<kMaxStates>(p.N, [&](auto nb, int64_t n0) {
+      advance_states<T, decltype(nb)::value, 1, true, false>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(),
+                                                             ws.dtu.data(), ws.B.data() + n0 * kChunk,
+                                                             ws.C.data() + n0 * kChunk, ws.y.data(), steps,
+                                                             nullptr, nullptr, nullptr, nullptr, BCRows<T>{}, 0);
     });
     if (p.z) {
       load_tile(p.z + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.z), kAheadFwd);
@@ -297,101 +354,143 @@ struct ChannelPartials {
   std::unique_ptr<T[]> dA, dD, ddelta_bias;  // [batch][dim][N], [batch][dim], [batch][dim]
 };
 
-template <class T, class IO>
-void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, const Tile& tl,
-                   const Grads<T, IO>& gr, ChannelPartials<T>& part, T* accB, T* accC, int64_t ld_acc,
-                   Workspace<T>& ws) {
+// The V consecutive blocks of one group starting at block index `first`, walked
+// together from the last chunk to the first.
+template <int V, class T, class IO>
+void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, int64_t first,
+                   const Grads<T, IO>& gr, ChannelPartials<T>& part, BCRows<T> rows, Workspace<T>& ws) {
   using vec = simd::vec_t<T>;
   const vec zero = simd::splat<T>(T(0));
-  const int64_t N = p.N, chunks = p.num_chunks();
-  const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L;
-  load_A(p, tl, ws);
-  const vec Dv = load_channels(p.D + tl.d0, tl.lanes);
+  const int64_t N = p.N;
   const bool gated = p.z != nullptr;
+  Tile tl[V];
+  vec Dv[V], dD[V], ddb[V];
+  for (int v = 0; v < V; ++v) {
+    tl[v] = tile_of(p, first + v);
+    load_A(p, tl[v], V, ws.A.data() + v, ws.A2.data() + v);
+    Dv[v] = load_channels(p.D + tl[v].d0, tl[v].lanes);
+    dD[v] = ddb[v] = zero;
+  }
   std::fill(ws.carry.begin(), ws.carry.end(), zero);
   std::fill(ws.dA.begin(), ws.dA.end(), zero);
-  vec dD = zero, ddb = zero;
-  for (int64_t k = chunks - 1; k >= 0; --k) {
+  for (int64_t k = p.num_chunks() - 1; k >= 0; --k) {
     const int64_t t0 = k * kChunk;
     const int steps = int(std::min<int64_t>(kChunk, p.L - t0));
-    load_dt(p, tl, t0, steps, true, kAheadBwd, ws);
-    load_bc_rows(p.B, p, tl, t0, steps, ws.B.data());
-    load_bc_rows(p.C, p, tl, t0, steps, ws.C.data());
-    load_tile(dout + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.dout), kAheadBwd);
-    if (gated) {
-      load_tile(p.z + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.z), kAheadBwd);
-      for (int t = 0; t < kChunk; ++t) {
-        ws.zsig[t] = simd::sigmoid<T>(ws.z[t]);
-        ws.dy[t] = ws.dout[t] * ws.z[t] * ws.zsig[t];
+    load_bc_rows(p.B, p, tl[0], t0, steps, kAheadBwd, ws.B.data());
+    load_bc_rows(p.C, p, tl[0], t0, steps, kAheadBwd, ws.C.data());
+    for (int v = 0; v < V; ++v) {
+      const int64_t row0 = (tl[v].b * p.dim + tl[v].d0) * p.L + t0;
+      const int at = v * kChunk;
+      load_dt(p, tl[v], t0, steps, true, kAheadBwd, ws, at);
+      load_tile(dout + row0, p.L, tl[v].lanes, steps, kChunk, scalars<T>(ws.dout.data() + at), kAheadBwd);
+      if (gated) {
+        load_tile(p.z + row0, p.L, tl[v].lanes, steps, kChunk, scalars<T>(ws.z.data() + at), kAheadBwd);
+        for (int t = at; t < at + kChunk; ++t) {
+          ws.zsig[t] = simd::sigmoid<T>(ws.z[t]);
+          ws.dy[t] = ws.dout[t] * ws.z[t] * ws.zsig[t];
+        }
+      } else {
+        std::copy(ws.dout.begin() + at, ws.dout.begin() + at + kChunk, ws.dy.begin() + at);
       }
-    } else {
-      std::copy(ws.dout.begin(), ws.dout.end(), ws.dy.begin());
+      for (int64_t n = 0; n < N; ++n) {
+        ws.h[n * V + v] = load_channels(chunk_states + chunk_state_offset(p, tl[v], k, n), tl[v].lanes);
+        if (k >= 2) __builtin_prefetch(chunk_states + chunk_state_offset(p, tl[v], k - 2, n));
+      }
     }
     std::fill(ws.y.begin(), ws.y.end(), zero);
     std::fill(ws.gb.begin(), ws.gb.end(), zero);
     std::fill(ws.ddtA.begin(), ws.ddtA.end(), zero);
-    for (int64_t n = 0; n < N; ++n)
-      ws.h[n] = load_channels(chunk_states + chunk_state_offset(p, tl, k, n), tl.lanes);
-    for_state_groups(N, [&](auto nb, int64_t n0) {
+    for_state_groups<kMaxStatesBwd>(N, [&](auto nb, int64_t n0) {
       constexpr int NB = decltype(nb)::value;
       const T* Bn = ws.B.data() + n0 * kChunk;
       const T* Cn = ws.C.data() + n0 * kChunk;
+      const BCRows<T> r{rows.B + n0 * rows.L + t0, rows.C + n0 * rows.L + t0, rows.L, rows.overwrite};
       // Padded steps of the last chunk have u = dy = 0, so they add nothing below.
       if (gated)
-        advance_states<T, NB, true, true>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(), ws.dtu.data(), Bn, Cn,
-                                          ws.y.data(), kChunk, ws.decrec.data(), ws.arec.data());
+        advance_states<T, NB, V, true, true>(ws.A2.data() + n0 * V, ws.h.data() + n0 * V, ws.dt.data(),
+                                             ws.dtu.data(), Bn, Cn, ws.y.data(), kChunk, ws.dy.data(),
+                                             ws.decrec.data(), ws.arec.data(), ws.redC.data(), r, steps);
       else
-        advance_states<T, NB, false, true>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(), ws.dtu.data(), Bn,
-                                           Cn, nullptr, kChunk, ws.decrec.data(), ws.arec.data());
-      reverse_states<T, NB>(ws.A.data() + n0, ws.carry.data() + n0, ws.dA.data() + n0, ws.decrec.data(),
-                            ws.arec.data(), ws.dt.data(), ws.dtu.data(), ws.dy.data(), Bn, Cn, ws.gb.data(),
-                            ws.ddtA.data(), ws.redB.data(), ws.redC.data(), accB + n0 * ld_acc + t0,
-                            accC + n0 * ld_acc + t0, ld_acc);
+        advance_states<T, NB, V, false, true>(ws.A2.data() + n0 * V, ws.h.data() + n0 * V, ws.dt.data(),
+                                              ws.dtu.data(), Bn, Cn, nullptr, kChunk, ws.dy.data(),
+                                              ws.decrec.data(), ws.arec.data(), ws.redC.data(), r, steps);
+      reverse_states<T, NB, V>(ws.A.data() + n0 * V, ws.carry.data() + n0 * V, ws.dA.data() + n0 * V,
+                               ws.decrec.data(), ws.arec.data(), ws.dt.data(), ws.dtu.data(), ws.dy.data(), Bn, Cn,
+                               ws.gb.data(), ws.ddtA.data(), ws.redB.data(), r, steps);
     });
     // Per-step gradients; reuse buffers: gb -> du, ddtA -> ddelta, y -> dz.
-    for (int t = 0; t < kChunk; ++t) {
-      const vec u = ws.u[t];
-      const vec ddt = ws.gb[t] * u + ws.ddtA[t];
-      const vec ddelta = p.softplus ? ddt * ws.dsoftplus[t] : ddt;
-      dD += ws.dy[t] * u;
-      ddb += ddelta;
-      ws.gb[t] = ws.dy[t] * Dv + ws.gb[t] * ws.dt[t];
-      ws.ddtA[t] = ddelta;
-      if (gated) {
-        const vec s = ws.zsig[t];
-        ws.y[t] = ws.dout[t] * (ws.y[t] + Dv * u) * s * (T(1) + ws.z[t] * (T(1) - s));
+    for (int v = 0; v < V; ++v) {
+      const int at = v * kChunk;
+      for (int t = at; t < at + kChunk; ++t) {
+        const vec u = ws.u[t];
+        const vec ddt = ws.gb[t] * u + ws.ddtA[t];
+        const vec ddelta = p.softplus ? ddt * ws.dsoftplus[t] : ddt;
+        dD[v] += ws.dy[t] * u;
+        ddb[v] += ddelta;
+        ws.gb[t] = ws.dy[t] * Dv[v] + ws.gb[t] * ws.dt[t];
+        ws.ddtA[t] = ddelta;
+        if (gated) {
+          const vec s = ws.zsig[t];
+          ws.y[t] = ws.dout[t] * (ws.y[t] + Dv[v] * u) * s * (T(1) + ws.z[t] * (T(1) - s));
+        }
       }
+      const int64_t row0 = (tl[v].b * p.dim + tl[v].d0) * p.L + t0;
+      store_tile(scalars<T>(ws.gb.data() + at), tl[v].lanes, steps, p.L, gr.du + row0);
+      store_tile(scalars<T>(ws.ddtA.data() + at), tl[v].lanes, steps, p.L, gr.ddelta + row0);
+      if (gated) store_tile(scalars<T>(ws.y.data() + at), tl[v].lanes, steps, p.L, gr.dz + row0);
     }
-    store_tile(scalars<T>(ws.gb), tl.lanes, steps, p.L, gr.du + row0 + t0);
-    store_tile(scalars<T>(ws.ddtA), tl.lanes, steps, p.L, gr.ddelta + row0 + t0);
-    if (gated) store_tile(scalars<T>(ws.y), tl.lanes, steps, p.L, gr.dz + row0 + t0);
   }
-  const int64_t ch0 = tl.b * p.dim + tl.d0;
-  store_channels(dD, tl.lanes, part.dD.get() + ch0);
-  store_channels(ddb, tl.lanes, part.ddelta_bias.get() + ch0);
-  for (int c = 0; c < tl.lanes; ++c)
-    for (int64_t n = 0; n < N; ++n) part.dA[(ch0 + c) * N + n] = ws.dA[n][c];
+  for (int v = 0; v < V; ++v) {
+    const int64_t ch0 = tl[v].b * p.dim + tl[v].d0;
+    store_channels(dD[v], tl[v].lanes, part.dD.get() + ch0);
+    store_channels(ddb[v], tl[v].lanes, part.ddelta_bias.get() + ch0);
+    for (int c = 0; c < tl[v].lanes; ++c)
+      for (int64_t n = 0; n < N; ++n) part.dA[(ch0 + c) * N + n] = ws.dA[n * V + v][c];
+  }
 }
 
-// dB and dC are shared by all channels of a group. When there are at least as
-// many (batch, group) pairs as threads, each pair is one thread's job and its
-// tiles accumulate in place; otherwise every thread accumulates into its own
-// copy ("slot") and the slots are summed in a fixed order (deterministic).
+// Blocks [b0, b1) of one group, V at a time, the rest in fewer.
+template <int V, class T, class IO>
+void backward_blocks(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, int64_t b0, int64_t b1,
+                     const Grads<T, IO>& gr, ChannelPartials<T>& part, BCRows<T> rows, Workspace<T>& ws) {
+  int64_t i = b0;
+  for (; i + V <= b1; i += V, rows.overwrite = false)
+    backward_tile<V>(p, dout, chunk_states, i, gr, part, rows, ws);
+  if constexpr (V > 1) backward_blocks<V - 1>(p, dout, chunk_states, i, b1, gr, part, rows, ws);
+}
+
+// dB and dC are sums over all channels of a (batch, group). With at least as
+// many (batch, group) pairs as threads, each pair is one thread's job ("part");
+// otherwise the blocks are split into one contiguous range per thread, each
+// thread a part. Every part writes its sums to rows of its own (the first part
+// into dB / dC themselves when no conversion is needed), and the parts touching
+// a pair are added in a fixed order (deterministic).
 template <class T, class IO>
 void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, const Grads<T, IO>& gr,
               int num_threads) {
-  const int64_t N = p.N, L = p.L, BG = p.batch * p.groups, nblk = p.blocks_per_group();
-  const int64_t ld_acc = p.num_chunks() * kChunk;
-  const int64_t per_slot = BG * N * ld_acc;
+  const int64_t N = p.N, L = p.L, BG = p.batch * p.groups, nblk = p.blocks_per_group(), blocks = p.num_tiles();
   const int64_t work = 2 * p.batch * p.dim * L * N;  // recompute, reverse
-  const bool by_pair = BG >= threads_for(num_threads, p.num_tiles(), work);
-  const int threads = threads_for(num_threads, by_pair ? BG : p.num_tiles(), work);
-  const int slots = by_pair ? 1 : threads;
-  // Zeroed, and vector-aligned for the reductions' vector updates (ld_acc is a multiple of W).
-  std::vector<simd::vec_t<T>> accB_storage(slots * per_slot / simd::V<T>::W);
-  std::vector<simd::vec_t<T>> accC_storage(accB_storage.size());
-  T* const accB = scalars<T>(accB_storage);
-  T* const accC = scalars<T>(accC_storage);
+  const bool by_pair = BG >= threads_for(num_threads, blocks, work);
+  const int threads = threads_for(num_threads, by_pair ? BG : blocks, work);
+  const int parts = by_pair ? 1 : threads;
+  // Part j covers blocks [begin(j), begin(j + 1)).
+  const auto begin = [&](int64_t j) { return by_pair ? j * blocks : j * blocks / parts; };
+  const auto touches = [&](int64_t j, int64_t bg) { return begin(j) < (bg + 1) * nblk && begin(j + 1) > bg * nblk; };
+  constexpr bool direct = std::is_same_v<T, IO>;
+  const int64_t per_part = BG * N * L;
+  const int64_t own = direct ? parts - 1 : parts;  // parts needing rows of their own
+  std::unique_ptr<T[]> ownB(new T[own * per_part]), ownC(new T[own * per_part]);
+  const auto rows_of = [&](int64_t j, int64_t bg, bool overwrite) {
+    T *b, *c;
+    if constexpr (direct) {
+      b = j == 0 ? gr.dB : ownB.get() + (j - 1) * per_part;
+      c = j == 0 ? gr.dC : ownC.get() + (j - 1) * per_part;
+    } else {
+      b = ownB.get() + j * per_part;
+      c = ownC.get() + j * per_part;
+    }
+    return BCRows<T>{b + bg * N * L, c + bg * N * L, L, overwrite};
+  };
   ChannelPartials<T> part{std::unique_ptr<T[]>(new T[p.batch * p.dim * N]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim])};
@@ -401,35 +500,40 @@ void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, co
     Workspace<T> ws(N);
     if (by_pair) {
 #pragma omp for schedule(static)
-      for (int64_t bg = 0; bg < BG; ++bg) {
-        T* aB = accB + bg * N * ld_acc;
-        T* aC = accC + bg * N * ld_acc;
-        for (int64_t blk = 0; blk < nblk; ++blk)
-          backward_tile(p, dout, chunk_states, tile_of(p, bg * nblk + blk), gr, part, aB, aC, ld_acc, ws);
-      }
+      for (int64_t bg = 0; bg < BG; ++bg)
+        backward_blocks<kBwdVectors>(p, dout, chunk_states, bg * nblk, (bg + 1) * nblk, gr, part,
+                                     rows_of(0, bg, true), ws);
     } else {
-      const int64_t slot = omp_get_thread_num();
-      T* sB = accB + slot * per_slot;
-      T* sC = accC + slot * per_slot;
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < p.num_tiles(); ++i) {
-        const Tile tl = tile_of(p, i);
-        const int64_t off = (tl.b * p.groups + tl.g) * N * ld_acc;
-        backward_tile(p, dout, chunk_states, tl, gr, part, sB + off, sC + off, ld_acc, ws);
-      }
+      const int64_t j = omp_get_thread_num();
+      for (int64_t bg = begin(j) / nblk; bg * nblk < begin(j + 1); ++bg)
+        backward_blocks<kBwdVectors>(p, dout, chunk_states, std::max(begin(j), bg * nblk),
+                                     std::min(begin(j + 1), (bg + 1) * nblk), gr, part, rows_of(j, bg, true), ws);
+#pragma omp barrier
     }
-
-    // Sum the slots into dB / dC rows.
+    if (!direct || parts > 1) {
+      std::vector<T> sum(direct ? 0 : L);
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < BG * N; ++row) {
-      for (int64_t t = 0; t < L; ++t) {
-        T sb = 0, sc = 0;
-        for (int s = 0; s < slots; ++s) {
-          sb += accB[s * per_slot + row * ld_acc + t];
-          sc += accC[s * per_slot + row * ld_acc + t];
+      for (int64_t row = 0; row < 2 * BG * N; ++row) {  // dB rows, then dC rows
+        const bool is_B = row < BG * N;
+        const int64_t r = is_B ? row : row - BG * N, bg = r / N;
+        IO* const out = (is_B ? gr.dB : gr.dC) + r * L;
+        T* acc = sum.data();
+        if constexpr (direct) acc = out;  // part 0's sums, if it touches bg, are already there
+        bool first = true;
+        for (int64_t j = 0; j < parts; ++j) {
+          if (!touches(j, bg)) continue;
+          const BCRows<T> own_rows = rows_of(j, 0, false);
+          const T* src = (is_B ? own_rows.B : own_rows.C) + r * L;
+          if (src != acc) {
+            if (first)
+              std::copy(src, src + L, acc);
+            else
+              for (int64_t t = 0; t < L; ++t) acc[t] += src[t];
+          }
+          first = false;
         }
-        gr.dB[row * L + t] = to_storage<IO>(sb);
-        gr.dC[row * L + t] = to_storage<IO>(sc);
+        if constexpr (!direct)
+          for (int64_t t = 0; t < L; ++t) out[t] = to_storage<IO>(acc[t]);
       }
     }
 #pragma omp for schedule(static)

@@ -195,14 +195,17 @@ SM_INLINE vec_t<T> log_pos(vec_t<T> x) {
 
 // softplus(x) = log(1 + e^x), = x above 20 as torch does; log1p is evaluated as
 // log(v) * e / (v - 1) with v = 1 + e, which stays exact when e is tiny.
-template <class T>
-SM_INLINE vec_t<T> softplus(vec_t<T> x) {
+// With kGrad, *grad = its derivative e / (1 + e) (exactly 1 above 20, as torch),
+// reusing e^x instead of a second exponential.
+template <class T, bool kGrad = false>
+SM_INLINE vec_t<T> softplus(vec_t<T> x, vec_t<T>* grad = nullptr) {
   const vec_t<T> e = exp<T>(vmin(x, splat<T>(T(20))));
   const vec_t<T> v = e + T(1);
   const vec_t<T> vm1 = v - T(1);
   const vec_t<T> l = log_pos<T>(v);
   const vec_t<T> safe = vm1 == T(0) ? splat<T>(T(1)) : vm1;
   const vec_t<T> lp = vm1 == T(0) ? e : l * (e * recip<T>(safe));
+  if constexpr (kGrad) *grad = x > T(20) ? splat<T>(T(1)) : e * recip<T>(v);
   return x > T(20) ? x : lp;
 }
 
