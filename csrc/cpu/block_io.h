@@ -50,6 +50,13 @@ SM_INLINE void store_vec(simd::vec_t<T> v, IO* p) {
   }
 }
 
+// Requests the line at p into L2, not L1: a chunk's rows of all streams together
+// exceed L1, where prefetched lines would be evicted before they are used.
+template <class X>
+SM_INLINE void prefetch_read(const X* p) { __builtin_prefetch(p, 0, 2); }
+template <class X>
+SM_INLINE void prefetch_write(X* p) { __builtin_prefetch(p, 1, 2); }
+
 // Steps of a tile moved as whole W x W blocks (transposed in registers); the
 // rest, and tiles with fewer than W lanes, go element by element.
 template <class T>
@@ -78,14 +85,20 @@ inline void load_tile(const IO* src, int64_t row_stride, int lanes, int steps, i
   std::fill(dst + int64_t(blocked) * W, dst + int64_t(padded_steps) * W, T(0));
   for (int c = 0; c < lanes; ++c) {
     const IO* row = src + c * row_stride;
-    for (int t = 0; t < padded_steps; t += kLine) __builtin_prefetch(row + prefetch_ahead + t);
+    for (int t = 0; t < padded_steps; t += kLine) prefetch_read(row + prefetch_ahead + t);
     for (int t = blocked; t < steps; ++t) dst[t * W + c] = to_compute<T>(row[t]);
   }
 }
 
+// The inverse of load_tile. The rows' segment `prefetch_ahead` elements away is
+// requested for writing now: outputs are fresh memory, and stores that miss
+// would otherwise wait for their lines one by one.
 template <class T, class IO>
-inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, IO* dst) {
+inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, IO* dst, int64_t prefetch_ahead) {
   constexpr int W = simd::V<T>::W;
+  constexpr int kLine = 64 / int(sizeof(IO));
+  for (int c = 0; c < lanes; ++c)
+    for (int t = 0; t < steps; t += kLine) prefetch_write(dst + c * row_stride + prefetch_ahead + t);
   const int blocked = block_steps<T>(lanes, steps);
   for (int t = 0; t < blocked; t += W) {
     simd::vec_t<T> r[W];
@@ -104,7 +117,7 @@ inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, I
 template <class T, class IO>
 inline void load_row(const IO* src, int steps, int padded, T* dst, int64_t prefetch_ahead) {
   constexpr int kLine = 64 / int(sizeof(IO));
-  for (int t = 0; t < padded; t += kLine) __builtin_prefetch(src + prefetch_ahead + t);
+  for (int t = 0; t < padded; t += kLine) prefetch_read(src + prefetch_ahead + t);
   for (int t = 0; t < steps; ++t) dst[t] = to_compute<T>(src[t]);
   std::fill(dst + steps, dst + padded, T(0));
 }

@@ -320,7 +320,7 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
     } else {
       for (int t = 0; t < steps; ++t) ws.y[t] += Dv * ws.u[t];
     }
-    store_tile(scalars<T>(ws.y), tl.lanes, steps, p.L, out + row0 + t0);
+    store_tile(scalars<T>(ws.y), tl.lanes, steps, p.L, out + row0 + t0, kAheadFwd);
   }
   for (int c = 0; c < tl.lanes; ++c)
     for (int64_t n = 0; n < p.N; ++n) last_state[(tl.b * p.dim + tl.d0 + c) * p.N + n] = ws.h[n][c];
@@ -394,7 +394,7 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
       }
       for (int64_t n = 0; n < N; ++n) {
         ws.h[n * V + v] = load_channels(chunk_states + chunk_state_offset(p, tl[v], k, n), tl[v].lanes);
-        if (k >= 2) __builtin_prefetch(chunk_states + chunk_state_offset(p, tl[v], k - 2, n));
+        if (k >= 2) prefetch_read(chunk_states + chunk_state_offset(p, tl[v], k - 2, n));
       }
     }
     std::fill(ws.y.begin(), ws.y.end(), zero);
@@ -435,9 +435,9 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
         }
       }
       const int64_t row0 = (tl[v].b * p.dim + tl[v].d0) * p.L + t0;
-      store_tile(scalars<T>(ws.gb.data() + at), tl[v].lanes, steps, p.L, gr.du + row0);
-      store_tile(scalars<T>(ws.ddtA.data() + at), tl[v].lanes, steps, p.L, gr.ddelta + row0);
-      if (gated) store_tile(scalars<T>(ws.y.data() + at), tl[v].lanes, steps, p.L, gr.dz + row0);
+      store_tile(scalars<T>(ws.gb.data() + at), tl[v].lanes, steps, p.L, gr.du + row0, kAheadBwd);
+      store_tile(scalars<T>(ws.ddtA.data() + at), tl[v].lanes, steps, p.L, gr.ddelta + row0, kAheadBwd);
+      if (gated) store_tile(scalars<T>(ws.y.data() + at), tl[v].lanes, steps, p.L, gr.dz + row0, kAheadBwd);
     }
   }
   for (int v = 0; v < V; ++v) {
