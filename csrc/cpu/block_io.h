@@ -137,4 +137,12 @@ inline void store_channels(simd::vec_t<T> v, int lanes, T* p) {
   for (int c = 0; c < lanes; ++c) p[c] = v[c];
 }
 
+// store_channels for data read back much later: whole aligned vectors bypass the
+// cache (simd::stream; the caller fences), the rest are stored normally.
+template <class T>
+inline void stream_channels(simd::vec_t<T> v, int lanes, T* p) {
+  if (lanes == simd::V<T>::W && reinterpret_cast<uintptr_t>(p) % simd::kVecBytes == 0) return simd::stream<T>(p, v);
+  store_channels(v, lanes, p);
+}
+
 }  // namespace segmamba

@@ -300,9 +300,11 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
   const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L;
   for (int64_t t0 = 0; t0 < p.L; t0 += kChunk) {
     const int steps = int(std::min<int64_t>(kChunk, p.L - t0));
+    // Chunk states are read only by the backward, later and in reverse order: caching them
+    // now would only evict the forward's own data.
     if (chunk_states)
       for (int64_t n = 0; n < p.N; ++n)
-        store_channels(ws.h[n], tl.lanes, chunk_states + chunk_state_offset(p, tl, t0 / kChunk, n));
+        stream_channels(ws.h[n], tl.lanes, chunk_states + chunk_state_offset(p, tl, t0 / kChunk, n));
     load_dt(p, tl, t0, steps, false, kAheadFwd, ws);
     load_bc_rows(p.B, p, tl, t0, steps, kAheadFwd, ws.B.data());
     load_bc_rows(p.C, p, tl, t0, steps, kAheadFwd, ws.C.data());
@@ -322,6 +324,7 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
     }
     store_tile(scalars<T>(ws.y), tl.lanes, steps, p.L, out + row0 + t0, kAheadFwd);
   }
+  simd::stream_fence();
   for (int c = 0; c < tl.lanes; ++c)
     for (int64_t n = 0; n < p.N; ++n) last_state[(tl.b * p.dim + tl.d0 + c) * p.N + n] = ws.h[n][c];
 }

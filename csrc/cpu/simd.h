@@ -61,6 +61,28 @@ SM_INLINE vec_t<T> loadu(const T* p) {
 template <class T>
 SM_INLINE void storeu(T* p, vec_t<T> v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Non-temporal store of a whole vector to p, aligned to kVecBytes: the line is
+// written without being read first or kept in cache. stream_fence() orders such
+// stores before later ones (call it before other threads may read the data).
+template <class T>
+SM_INLINE void stream(T* p, vec_t<T> v) {
+#if defined(SEGMAMBA_ISA_AVX512)
+  if constexpr (std::is_same<T, float>::value) _mm512_stream_ps(p, v); else _mm512_stream_pd(p, v);
+#elif defined(SEGMAMBA_ISA_AVX2)
+  if constexpr (std::is_same<T, float>::value) _mm256_stream_ps(p, v); else _mm256_stream_pd(p, v);
+#elif defined(__SSE2__)
+  if constexpr (std::is_same<T, float>::value) _mm_stream_ps(p, v); else _mm_stream_pd(p, v);
+#else
+  storeu<T>(p, v);
+#endif
+}
+
+SM_INLINE void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // max/min as single instructions: GCC keeps `a > b ? a : b` as compare + blend
 // because of its NaN semantics.
 #if defined(SEGMAMBA_ISA_AVX512)
