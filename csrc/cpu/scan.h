@@ -82,10 +82,10 @@ struct Workspace {
   using vec = simd::vec_t<T>;
   static constexpr int W = simd::V<T>::W;
   std::vector<vec> u, dt, dtu, dsoftplus, z, zsig, dout, dy, y, gb, ddtA;  // [V][kChunk]
-  std::vector<T> B, C;                                                            // [N][kChunk]
-  std::vector<vec> A, A2, h, carry, dA;                                           // [N][V]
-  std::vector<vec> decrec, arec;  // [kMaxStatesBwd][V][kChunk]
-  std::vector<vec> redB, redC;    // [kMaxStatesBwd][W]
+  std::vector<T> B, C;                                                     // [N][kChunk]
+  std::vector<vec> A, A2, h, carry, dA;                                    // [N][V]
+  std::vector<vec> decrec, arec;                                           // [kMaxStatesBwd][V][kChunk]
+  std::vector<vec> redB, redC;                                             // [kMaxStatesBwd][W]
 
   explicit Workspace(int64_t N)
       : u(kV), dt(kV), dtu(kV), dsoftplus(kV), z(kV), zsig(kV), dout(kV), dy(kV), y(kV), gb(kV),
@@ -97,8 +97,6 @@ struct Workspace {
   static constexpr int kV = kBwdVectors * kChunk;
 };
 
-template <class T>
-SM_INLINE T* scalars(std::vector<simd::vec_t<T>>& v) { return reinterpret_cast<T*>(v.data()); }
 template <class T>
 SM_INLINE T* scalars(simd::vec_t<T>* v) { return reinterpret_cast<T*>(v); }
 
@@ -114,8 +112,7 @@ SM_INLINE void for_state_groups(int64_t N, F&& f) {
   int64_t n = 0;
   if constexpr (kMax >= 8)
     for (; n + 8 <= N; n += 8) f(std::integral_constant<int, 8>{}, n);
-  if constexpr (kMax >= 4)
-    for (; n + 4 <= N; n += 4) f(std::integral_constant<int, 4>{}, n);
+  for (; n + 4 <= N; n += 4) f(std::integral_constant<int, 4>{}, n);
   for (; n + 2 <= N; n += 2) f(std::integral_constant<int, 2>{}, n);
   if (n < N) f(std::integral_constant<int, 1>{}, n);
 }
@@ -316,13 +313,13 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
                                                              nullptr, nullptr, nullptr, nullptr, BCRows<T>{}, 0);
     });
     if (p.z) {
-      load_tile(p.z + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.z), kAheadFwd);
+      load_tile(p.z + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.z.data()), kAheadFwd);
       for (int t = 0; t < steps; ++t)
         ws.y[t] = (ws.y[t] + Dv * ws.u[t]) * (ws.z[t] * simd::sigmoid<T>(ws.z[t]));
     } else {
       for (int t = 0; t < steps; ++t) ws.y[t] += Dv * ws.u[t];
     }
-    store_tile(scalars<T>(ws.y), tl.lanes, steps, p.L, out + row0 + t0, kAheadFwd);
+    store_tile(scalars<T>(ws.y.data()), tl.lanes, steps, p.L, out + row0 + t0, kAheadFwd);
   }
   simd::stream_fence();
   for (int c = 0; c < tl.lanes; ++c)
@@ -392,14 +389,13 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
           ws.zsig[t] = simd::sigmoid<T>(ws.z[t]);
           ws.dy[t] = ws.dout[t] * ws.z[t] * ws.zsig[t];
         }
-      } else {
-        std::copy(ws.dout.begin() + at, ws.dout.begin() + at + kChunk, ws.dy.begin() + at);
       }
       for (int64_t n = 0; n < N; ++n) {
         ws.h[n * V + v] = load_channels(chunk_states + chunk_state_offset(p, tl[v], k, n), tl[v].lanes);
         if (k >= 2) prefetch_read(chunk_states + chunk_state_offset(p, tl[v], k - 2, n));
       }
     }
+    const vec* dy = (gated ? ws.dy : ws.dout).data();  // dL/dy: the gate's factor applied, if any
     std::fill(ws.y.begin(), ws.y.end(), zero);
     std::fill(ws.gb.begin(), ws.gb.end(), zero);
     std::fill(ws.ddtA.begin(), ws.ddtA.end(), zero);
@@ -409,16 +405,15 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
       const T* Cn = ws.C.data() + n0 * kChunk;
       const BCRows<T> r{rows.B + n0 * rows.L + t0, rows.C + n0 * rows.L + t0, rows.L, rows.overwrite};
       // Padded steps of the last chunk have u = dy = 0, so they add nothing below.
-      if (gated)
-        advance_states<T, NB, V, true, true>(ws.A2.data() + n0 * V, ws.h.data() + n0 * V, ws.dt.data(),
-                                             ws.dtu.data(), Bn, Cn, ws.y.data(), kChunk, ws.dy.data(),
-                                             ws.decrec.data(), ws.arec.data(), ws.redC.data(), r, steps);
-      else
-        advance_states<T, NB, V, false, true>(ws.A2.data() + n0 * V, ws.h.data() + n0 * V, ws.dt.data(),
-                                              ws.dtu.data(), Bn, Cn, nullptr, kChunk, ws.dy.data(),
-                                              ws.decrec.data(), ws.arec.data(), ws.redC.data(), r, steps);
+      // y (the scan's output before the gate) is recomputed only for dz.
+      const auto recompute = [&](auto with_y) {
+        advance_states<T, NB, V, decltype(with_y)::value, true>(
+            ws.A2.data() + n0 * V, ws.h.data() + n0 * V, ws.dt.data(), ws.dtu.data(), Bn, Cn, ws.y.data(), kChunk,
+            dy, ws.decrec.data(), ws.arec.data(), ws.redC.data(), r, steps);
+      };
+      gated ? recompute(std::true_type{}) : recompute(std::false_type{});
       reverse_states<T, NB, V>(ws.A.data() + n0 * V, ws.carry.data() + n0 * V, ws.dA.data() + n0 * V,
-                               ws.decrec.data(), ws.arec.data(), ws.dt.data(), ws.dtu.data(), ws.dy.data(), Bn, Cn,
+                               ws.decrec.data(), ws.arec.data(), ws.dt.data(), ws.dtu.data(), dy, Bn, Cn,
                                ws.gb.data(), ws.ddtA.data(), ws.redB.data(), r, steps);
     });
     // Per-step gradients; reuse buffers: gb -> du, ddtA -> ddelta, y -> dz.
@@ -428,9 +423,9 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
         const vec u = ws.u[t];
         const vec ddt = ws.gb[t] * u + ws.ddtA[t];
         const vec ddelta = p.softplus ? ddt * ws.dsoftplus[t] : ddt;
-        dD[v] += ws.dy[t] * u;
+        dD[v] += dy[t] * u;
         ddb[v] += ddelta;
-        ws.gb[t] = ws.dy[t] * Dv[v] + ws.gb[t] * ws.dt[t];
+        ws.gb[t] = dy[t] * Dv[v] + ws.gb[t] * ws.dt[t];
         ws.ddtA[t] = ddelta;
         if (gated) {
           const vec s = ws.zsig[t];
@@ -476,8 +471,8 @@ void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, co
   const bool by_pair = BG >= threads_for(num_threads, blocks, work);
   const int threads = threads_for(num_threads, by_pair ? BG : blocks, work);
   const int parts = by_pair ? 1 : threads;
-  // Part j covers blocks [begin(j), begin(j + 1)).
-  const auto begin = [&](int64_t j) { return by_pair ? j * blocks : j * blocks / parts; };
+  // Part j covers blocks [begin(j), begin(j + 1)) (by pair: all of them, pair by pair).
+  const auto begin = [&](int64_t j) { return j * blocks / parts; };
   const auto touches = [&](int64_t j, int64_t bg) { return begin(j) < (bg + 1) * nblk && begin(j + 1) > bg * nblk; };
   constexpr bool direct = std::is_same_v<T, IO>;
   const int64_t per_part = BG * N * L;
