@@ -36,10 +36,9 @@ constexpr int kChunk = SEGMAMBA_VEC_BYTES == 64 ? 32 : 64;
 constexpr int64_t kAheadFwd = 2 * kChunk, kAheadBwd = -2 * kChunk;
 // States per register-resident group: AVX-512 has 32 vector registers, the others 16.
 constexpr int kMaxStates = SEGMAMBA_VEC_BYTES == 64 ? 8 : 4;
-// The backward keeps per state and vector a carry and a dA accumulator in registers,
-// and (AVX-512) walks up to three SIMD blocks of channels at once ("vectors") so
-// that the lane reductions of dB and dC, the most expensive part of its reverse
-// pass, are shared by all of them.
+// The backward's recurrences keep per state and vector one value in registers (the
+// state, the carry), and (AVX-512) walk up to three SIMD blocks of channels at once
+// ("vectors") so that the lane reductions of dB and dC are shared by all of them.
 constexpr int kBwdVectors = SEGMAMBA_VEC_BYTES == 64 ? 3 : 1;
 constexpr int kMaxStatesBwd = 4;
 
@@ -84,13 +83,13 @@ struct Workspace {
   std::vector<vec> u, dt, dtu, dsoftplus, z, zsig, dout, dy, y, gb, ddtA;  // [V][kChunk]
   std::vector<T> B, C;                                                     // [N][kChunk]
   std::vector<vec> A, A2, h, carry, dA;                                    // [N][V]
-  std::vector<vec> decrec, arec;                                           // [kMaxStatesBwd][V][kChunk]
+  std::vector<vec> rec;  // [kChunk][kMaxStatesBwd * V][2]: the recompute's records (see advance_states)
   std::vector<vec> redB, redC;                                             // [kMaxStatesBwd][W]
 
   explicit Workspace(int64_t N)
       : u(kV), dt(kV), dtu(kV), dsoftplus(kV), z(kV), zsig(kV), dout(kV), dy(kV), y(kV), gb(kV),
         ddtA(kV), B(N * kChunk), C(N * kChunk), A(N * kBwdVectors), A2(N * kBwdVectors), h(N * kBwdVectors),
-        carry(N * kBwdVectors), dA(N * kBwdVectors), decrec(kMaxStatesBwd * kV), arec(kMaxStatesBwd * kV),
+        carry(N * kBwdVectors), dA(N * kBwdVectors), rec(2 * kMaxStatesBwd * kV),
         redB(kMaxStatesBwd * W), redC(kMaxStatesBwd * W) {}
 
  private:
@@ -183,13 +182,15 @@ SM_INLINE void add_lane_sums(simd::vec_t<T>* red, T* acc, int64_t valid, bool ov
 // vector v at h[k * V + v]; per-step buffers [V][kChunk]):
 //   h_t = a_t h_{t-1} + dt u B with a_t = exp(dt * A);  y += C . h_t  (kY).
 // kRecord (the backward's recompute, always whole chunks): a_t h_{t-1} and a_t are
-// recorded for the reverse pass, and dy_t h_t summed over the channels goes to dC
-// (rows.C + k * L for state k, offset to the chunk's first step; `valid` steps).
+// recorded for the reverse pass, step by step (rec[(t * NB * V + i) * 2 + {0, 1}]
+// for state-vector i: the reverse pass reads them back as one stream), and dy_t h_t
+// summed over the channels goes to dC (rows.C + k * L for state k, offset to the
+// chunk's first step; `valid` steps).
 template <class T, int NB, int V, bool kY, bool kRecord>
 SM_INLINE void advance_states(const simd::vec_t<T>* A2, simd::vec_t<T>* h, const simd::vec_t<T>* dt,
                               const simd::vec_t<T>* dtu, const T* Bn, const T* Cn, simd::vec_t<T>* y,
-                              int steps, const simd::vec_t<T>* dy, simd::vec_t<T>* decrec,
-                              simd::vec_t<T>* arec, simd::vec_t<T>* redC, BCRows<T> rows, int64_t valid) {
+                              int steps, const simd::vec_t<T>* dy, simd::vec_t<T>* rec, simd::vec_t<T>* redC,
+                              BCRows<T> rows, int64_t valid) {
   using vec = simd::vec_t<T>;
   constexpr int W = simd::V<T>::W;
   vec a2[NB * V], hh[NB * V];
@@ -204,15 +205,15 @@ SM_INLINE void advance_states(const simd::vec_t<T>* A2, simd::vec_t<T>* h, const
     for (int k = 0; k < NB; ++k) {
       const T b = Bn[k * kChunk + t], c = Cn[k * kChunk + t];
       vec dc = simd::splat<T>(T(0));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int v = 0; v < V; ++v) {
         const int i = k * V + v;
         const vec e = simd::exp2<T>(dt[v * kChunk + t] * a2[i]);
         if constexpr (kRecord) {
           const vec decayed = e * hh[i];
           hh[i] = decayed + dtu[v * kChunk + t] * b;
-          decrec[i * kChunk + t] = decayed;
-          arec[i * kChunk + t] = e;
+          rec[(t * NB * V + i) * 2] = decayed;
+          rec[(t * NB * V + i) * 2 + 1] = e;
           dc += dy[v * kChunk + t] * hh[i];
         } else {
           hh[i] = e * hh[i] + dtu[v * kChunk + t] * b;
@@ -232,57 +233,67 @@ SM_INLINE void advance_states(const simd::vec_t<T>* A2, simd::vec_t<T>* h, const
 }
 
 // Reverse recurrence over one whole chunk for NB states of V vectors, from the
-// recorded a_t h_{t-1}, a_t:
+// records of advance_states:
 //   g_t = dy_t C_t + a_{t+1} g_{t+1}           (carry = a_{t+1} g_{t+1})
 //   dB_t += sum over channels of g_t dt_t u_t  (rows.B, as dC in advance_states)
 //   gb_t += g_t B_t                            (-> du = gb dt, ddt = gb u)
 //   x = g_t a_t h_{t-1}:  ddt += x A,  dA += x dt
 // a_t h_{t-1} is recorded rather than recovered as h_t - dt u B, which cancels
-// badly when a_t is tiny and |A| large.
+// badly when a_t is tiny and |A| large. The recurrence leaves x in place of
+// a_t h_{t-1}, and a second pass over the chunk sums it into ddt and dA: done in
+// the recurrence, the dA accumulators no longer fit in registers beside the
+// carries, and the spills cost more than that pass.
 template <class T, int NB, int V>
 SM_INLINE void reverse_states(const simd::vec_t<T>* A, simd::vec_t<T>* carry, simd::vec_t<T>* dA,
-                              const simd::vec_t<T>* decrec, const simd::vec_t<T>* arec, const simd::vec_t<T>* dt,
-                              const simd::vec_t<T>* dtu, const simd::vec_t<T>* dy, const T* Bn, const T* Cn,
-                              simd::vec_t<T>* gb, simd::vec_t<T>* ddtA, simd::vec_t<T>* redB, BCRows<T> rows,
-                              int64_t valid) {
+                              simd::vec_t<T>* rec, const simd::vec_t<T>* dt, const simd::vec_t<T>* dtu,
+                              const simd::vec_t<T>* dy, const T* Bn, const T* Cn, simd::vec_t<T>* gb,
+                              simd::vec_t<T>* ddtA, simd::vec_t<T>* redB, BCRows<T> rows, int64_t valid) {
   using vec = simd::vec_t<T>;
   constexpr int W = simd::V<T>::W;
-  vec c[NB * V], da[NB * V];
-  for (int i = 0; i < NB * V; ++i) {
-    c[i] = carry[i];
-    da[i] = dA[i];
-  }
+  vec c[NB * V];
+  for (int i = 0; i < NB * V; ++i) c[i] = carry[i];
   for (int t = kChunk - 1; t >= 0; --t) {
-    vec gbt[V], ddt[V];
-    for (int v = 0; v < V; ++v) gbt[v] = ddt[v] = simd::splat<T>(T(0));
+    vec* r = rec + t * NB * V * 2;
+    vec gbt[V];
+    for (int v = 0; v < V; ++v) gbt[v] = simd::splat<T>(T(0));
 #pragma GCC unroll 8
     for (int k = 0; k < NB; ++k) {
       const T b = Bn[k * kChunk + t], cc = Cn[k * kChunk + t];
       vec db = simd::splat<T>(T(0));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int v = 0; v < V; ++v) {
         const int i = k * V + v;
         const vec g = dy[v * kChunk + t] * cc + c[i];
-        c[i] = arec[i * kChunk + t] * g;
+        c[i] = r[2 * i + 1] * g;
         db += g * dtu[v * kChunk + t];
         gbt[v] += g * b;
-        const vec x = g * decrec[i * kChunk + t];
-        ddt[v] += x * A[i];
-        da[i] += x * dt[v * kChunk + t];
+        r[2 * i] *= g;
       }
       redB[k * W + t % W] = db;
     }
-    for (int v = 0; v < V; ++v) {
-      gb[v * kChunk + t] += gbt[v];
-      ddtA[v * kChunk + t] += ddt[v];
-    }
+    for (int v = 0; v < V; ++v) gb[v * kChunk + t] += gbt[v];
     if (t % W == 0)
       for (int k = 0; k < NB; ++k) add_lane_sums<T>(redB + k * W, rows.B + k * rows.L + t, valid - t, rows.overwrite);
   }
-  for (int i = 0; i < NB * V; ++i) {
-    carry[i] = c[i];
-    dA[i] = da[i];
+  for (int i = 0; i < NB * V; ++i) carry[i] = c[i];
+
+  vec da[NB * V];
+  for (int i = 0; i < NB * V; ++i) da[i] = dA[i];
+  for (int t = 0; t < kChunk; ++t) {
+    const vec* x = rec + t * NB * V * 2;
+    vec ddt[V];
+    for (int v = 0; v < V; ++v) ddt[v] = simd::splat<T>(T(0));
+#pragma GCC unroll 8
+    for (int k = 0; k < NB; ++k)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        const int i = k * V + v;
+        ddt[v] += x[2 * i] * A[i];
+        da[i] += x[2 * i] * dt[v * kChunk + t];
+      }
+    for (int v = 0; v < V; ++v) ddtA[v * kChunk + t] += ddt[v];
   }
+  for (int i = 0; i < NB * V; ++i) dA[i] = da[i];
 }
 
 // ------------------------------------------------------------------ forward
@@ -310,7 +321,7 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
       advance_states<T, decltype(nb)::value, 1, true, false>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(),
                                                              ws.dtu.data(), ws.B.data() + n0 * kChunk,
                                                              ws.C.data() + n0 * kChunk, ws.y.data(), steps,
-                                                             nullptr, nullptr, nullptr, nullptr, BCRows<T>{}, 0);
+                                                             nullptr, nullptr, nullptr, BCRows<T>{}, 0);
     });
     if (p.z) {
       load_tile(p.z + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.z.data()), kAheadFwd);
@@ -409,12 +420,12 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
       const auto recompute = [&](auto with_y) {
         advance_states<T, NB, V, decltype(with_y)::value, true>(
             ws.A2.data() + n0 * V, ws.h.data() + n0 * V, ws.dt.data(), ws.dtu.data(), Bn, Cn, ws.y.data(), kChunk,
-            dy, ws.decrec.data(), ws.arec.data(), ws.redC.data(), r, steps);
+            dy, ws.rec.data(), ws.redC.data(), r, steps);
       };
       gated ? recompute(std::true_type{}) : recompute(std::false_type{});
       reverse_states<T, NB, V>(ws.A.data() + n0 * V, ws.carry.data() + n0 * V, ws.dA.data() + n0 * V,
-                               ws.decrec.data(), ws.arec.data(), ws.dt.data(), ws.dtu.data(), dy, Bn, Cn,
-                               ws.gb.data(), ws.ddtA.data(), ws.redB.data(), r, steps);
+                               ws.rec.data(), ws.dt.data(), ws.dtu.data(), dy, Bn, Cn, ws.gb.data(),
+                               ws.ddtA.data(), ws.redB.data(), r, steps);
     });
     // Per-step gradients; reuse buffers: gb -> du, ddtA -> ddelta, y -> dz.
     for (int v = 0; v < V; ++v) {
