@@ -24,6 +24,7 @@ from .data.cache import build_cache, settings_key
 from .data.dataset import PatchDataset, RankSampler, VolumeDataset
 from .data.regions import REGION_LABELS, REGIONS
 from .data.split import load_or_create_split
+from .host_memory import OPT_OUT, keep_freed_memory
 from .training import config as cfg
 from .training import report
 from .training.distributed import Dist, setup, teardown
@@ -129,6 +130,9 @@ def run(args) -> int:
 
 def _run(args, d: Dist, device: torch.device) -> int:
     t_start = time.time()
+    not_applied = keep_freed_memory()
+    log(d, f"malloc: freed memory kept for reuse between steps ({OPT_OUT}=0 turns this off)" if not_applied is None
+        else f"malloc: C library defaults ({not_applied})")
     if args.resume and args.out is None:
         raise SystemExit("--resume: pass the run folder to continue with --out RUN_DIR")
     data_dir, train_cases, val_cases, split = prepare_data(args, d)
