@@ -167,11 +167,15 @@ struct BCRows {
 };
 
 // acc[i] += the sum of the lanes of red[i], for i < min(W, valid) (= when overwriting).
+// The N rows of dB and dC (2 MB each at L = 32^3) are written a line at a time, far
+// apart and never read back by this thread: overwritten lines bypass the cache (the
+// caller fences before other threads read them).
 template <class T>
 SM_INLINE void add_lane_sums(simd::vec_t<T>* red, T* acc, int64_t valid, bool overwrite) {
   constexpr int W = simd::V<T>::W;
   const simd::vec_t<T> s = simd::reduce_lanes_batch<T>(red);
   if (valid >= W) {
+    if (overwrite && reinterpret_cast<uintptr_t>(acc) % simd::kVecBytes == 0) return simd::stream<T>(acc, s);
     simd::storeu<T>(acc, overwrite ? s : simd::loadu<T>(acc) + s);
   } else {
     for (int i = 0; i < valid; ++i) acc[i] = overwrite ? s[i] : acc[i] + s[i];
@@ -449,6 +453,7 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
       if (gated) store_tile(scalars<T>(ws.y.data() + at), tl[v].lanes, steps, p.L, gr.dz + row0, kAheadBwd);
     }
   }
+  simd::stream_fence();  // dB, dC rows (add_lane_sums)
   for (int v = 0; v < V; ++v) {
     const int64_t ch0 = tl[v].b * p.dim + tl[v].d0;
     store_channels(dD[v], tl[v].lanes, part.dD.get() + ch0);
