@@ -310,11 +310,13 @@ def test_cpu_isa_level_matches_reference(level, monkeypatch):
     check_conv("cpu", 2, 19, 150, 4, True, "silu", torch.float64, 1e-12)
 
 
-@pytest.mark.parametrize("case", [ScanCase(1, 40, 300, 16, None), ScanCase(2, 40, 300, 16, None)], ids=str)
+@pytest.mark.parametrize("case", [ScanCase(1, 40, 300, 16, None), ScanCase(2, 40, 300, 16, None),
+                                  ScanCase(1, 40, 320, 16, None)], ids=str)
 def test_cpu_scan_split_over_threads(case):
     """Fewer (batch, group) pairs than threads: the CPU backward splits a group's channels over
     threads and adds their dB / dC sums; with 3 threads the ranges are uneven and one crosses
-    from one batch element to the next."""
+    from one batch element to the next. L = 320 keeps every dB / dC row aligned to a vector,
+    so the first tile's sums take the non-temporal store path that other threads read back."""
     _require("cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(3)
