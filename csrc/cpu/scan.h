@@ -111,7 +111,8 @@ SM_INLINE void for_state_groups(int64_t N, F&& f) {
   int64_t n = 0;
   if constexpr (kMax >= 8)
     for (; n + 8 <= N; n += 8) f(std::integral_constant<int, 8>{}, n);
-  for (; n + 4 <= N; n += 4) f(std::integral_constant<int, 4>{}, n);
+  if constexpr (kMax >= 4)
+    for (; n + 4 <= N; n += 4) f(std::integral_constant<int, 4>{}, n);
   for (; n + 2 <= N; n += 2) f(std::integral_constant<int, 2>{}, n);
   if (n < N) f(std::integral_constant<int, 1>{}, n);
 }
@@ -175,8 +176,10 @@ SM_INLINE void add_lane_sums(simd::vec_t<T>* red, T* acc, int64_t valid, bool ov
   constexpr int W = simd::V<T>::W;
   const simd::vec_t<T> s = simd::reduce_lanes_batch<T>(red);
   if (valid >= W) {
-    if (overwrite && reinterpret_cast<uintptr_t>(acc) % simd::kVecBytes == 0) return simd::stream<T>(acc, s);
-    simd::storeu<T>(acc, overwrite ? s : simd::loadu<T>(acc) + s);
+    if (overwrite)
+      stream_channels(s, W, acc);
+    else
+      simd::storeu<T>(acc, simd::loadu<T>(acc) + s);
   } else {
     for (int i = 0; i < valid; ++i) acc[i] = overwrite ? s[i] : acc[i] + s[i];
   }
@@ -320,7 +323,7 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
     load_dt(p, tl, t0, steps, false, kAheadFwd, ws);
     load_bc_rows(p.B, p, tl, t0, steps, kAheadFwd, ws.B.data());
     load_bc_rows(p.C, p, tl, t0, steps, kAheadFwd, ws.C.data());
-    std::fill(ws.y.begin(), ws.y.end(), simd::splat<T>(T(0)));
+    std::fill_n(ws.y.begin(), kChunk, simd::splat<T>(T(0)));
     for_state_groups<kMaxStates>(p.N, [&](auto nb, int64_t n0) {
       advance_states<T, decltype(nb)::value, 1, true, false>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(),
                                                              ws.dtu.data(), ws.B.data() + n0 * kChunk,
