@@ -326,3 +326,17 @@ def test_cpu_scan_split_over_threads(case):
         check_scan("cpu", case, OPTIONS[0], torch.bfloat16, torch.float64, 3e-2)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case,dtype,opts,tol", [
+    (ScanCase(2, 22, 4096, 4, 2), torch.float64, OPTIONS[0], 1e-10),
+    (ScanCase(1, 19, 8192, 2, None), torch.float32, OPTIONS[1], 2e-4),
+], ids=lambda x: str(x) if isinstance(x, (ScanCase, torch.dtype)) else "")
+def test_cpu_scan_staged_rows(case, dtype, opts, tol):
+    """Rows a multiple of `scan_staged_row_bytes` long (32^3 fp32 in the model) make the CPU
+    backward read its inputs through per-thread row copies, a batch of steps at a time, walked
+    backwards: batch boundaries, a partial SIMD tile, groups, with and without the gate."""
+    _require("cpu")
+    row_bytes = dispatch.get_backend("cpu").info()["scan_staged_row_bytes"]
+    assert case.L * dtype.itemsize % row_bytes == 0, "the case no longer takes the staged path"
+    check_scan("cpu", case, opts, dtype, torch.float64, tol)

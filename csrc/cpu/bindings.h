@@ -162,6 +162,7 @@ py::dict info() {
   d["vector_bytes"] = SEGMAMBA_VEC_BYTES;
   d["float_lanes"] = simd::V<float>::W;
   d["scan_chunk"] = scan::kChunk;
+  d["scan_staged_row_bytes"] = scan::kAliasingRowBytes;
   d["openmp_max_threads"] = omp_get_max_threads();
   return d;
 }

@@ -13,7 +13,9 @@
 // visits chunks in reverse; each chunk's states are recomputed from its
 // boundary, recording what the reverse recurrence for dL/dh then reads back.
 // Saving the boundaries costs the forward a few stores per chunk and spares the
-// backward a whole forward recurrence.
+// backward a whole forward recurrence. When rows are long multiples of a power of
+// two, the backward reads its inputs from row copies made a batch of steps at a
+// time (Staged; RowCopy says why).
 #pragma once
 
 #include <omp.h>
@@ -32,8 +34,15 @@ namespace scan {
 // records (which grow with the vector width) stay near L1, long enough to keep the
 // saved chunk states (N / kChunk floats per element) small.
 constexpr int kChunk = SEGMAMBA_VEC_BYTES == 64 ? 32 : 64;
-// How far ahead the per-channel rows are prefetched (elements; backwards in the backward pass).
-constexpr int64_t kAheadFwd = 2 * kChunk, kAheadBwd = -2 * kChunk;
+// How far ahead rows read or written in place are requested (elements; see Rows).
+constexpr int64_t kAhead = 2 * kChunk;
+// Rows a multiple of this many bytes long start on at most 4 set positions of an L2
+// with a 128 KiB set period (1 MiB 8-way, 2 MiB 16-way): the backward then reads its
+// inputs from copies (Staged), kStage steps at a time. Not below: at L = 16^3 in fp32
+// (16 KiB rows) the copies cost more than they save.
+constexpr int64_t kAliasingRowBytes = 32 * 1024;
+constexpr int kStage = 128;
+static_assert(kStage % kChunk == 0);
 // States per register-resident group: AVX-512 has 32 vector registers, the others 16.
 constexpr int kMaxStates = SEGMAMBA_VEC_BYTES == 64 ? 8 : 4;
 // The backward's recurrences keep per state and vector one value in registers (the
@@ -129,18 +138,17 @@ void load_A(const Problem<T, IO>& p, const Tile& tl, int stride, simd::vec_t<T>*
   }
 }
 
-// Loads u and delta of one chunk of block tl into the kChunk steps starting at
+// Loads one chunk of u and delta of block tl into the kChunk steps starting at
 // index `at` of the per-step buffers, and derives dt (bias, softplus), dt * u and,
 // when asked, d softplus / d(delta + bias).
 template <class T, class IO>
-void load_dt(const Problem<T, IO>& p, const Tile& tl, int64_t t0, int steps, bool with_dsoftplus, int64_t ahead,
-             Workspace<T>& ws, int at = 0) {
+void load_dt(const Problem<T, IO>& p, const Tile& tl, Rows<IO> u_rows, Rows<IO> delta_rows, int steps,
+             bool with_dsoftplus, Workspace<T>& ws, int at = 0) {
   using vec = simd::vec_t<T>;
-  const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L + t0;
   vec *u = ws.u.data() + at, *dt = ws.dt.data() + at, *dtu = ws.dtu.data() + at;
   vec* dsoftplus = ws.dsoftplus.data() + at;
-  load_tile(p.u + row0, p.L, tl.lanes, steps, kChunk, scalars<T>(u), ahead);
-  load_tile(p.delta + row0, p.L, tl.lanes, steps, kChunk, scalars<T>(dt), ahead);  // delta, then dt in place
+  load_tile(u_rows, tl.lanes, steps, kChunk, scalars<T>(u));
+  load_tile(delta_rows, tl.lanes, steps, kChunk, scalars<T>(dt));  // delta, then dt in place
   const vec bias = load_channels(p.delta_bias + tl.d0, tl.lanes);
   for (int t = 0; t < kChunk; ++t) {
     const vec s = dt[t] + bias;
@@ -151,11 +159,10 @@ void load_dt(const Problem<T, IO>& p, const Tile& tl, int64_t t0, int steps, boo
   }
 }
 
+// One chunk of the N rows of B or C into [N][kChunk].
 template <class T, class IO>
-void load_bc_rows(const IO* src, const Problem<T, IO>& p, const Tile& tl, int64_t t0, int steps, int64_t ahead,
-                  T* dst) {
-  const IO* base = src + (tl.b * p.groups + tl.g) * p.N * p.L;
-  for (int64_t n = 0; n < p.N; ++n) load_row(base + n * p.L + t0, steps, kChunk, dst + n * kChunk, ahead);
+void load_bc_rows(Rows<IO> rows, int64_t N, int steps, T* dst) {
+  for (int64_t n = 0; n < N; ++n) load_row(rows.p + n * rows.stride, steps, kChunk, dst + n * kChunk, rows.ahead);
 }
 
 // Where a tile's shares of dB and dC go: N rows of L values for its (batch, group),
@@ -188,7 +195,7 @@ SM_INLINE void add_lane_sums(simd::vec_t<T>* red, T* acc, int64_t valid, bool ov
 // Advances NB states of V vectors over `steps` steps of a chunk (state k of
 // vector v at h[k * V + v]; per-step buffers [V][kChunk]):
 //   h_t = a_t h_{t-1} + dt u B with a_t = exp(dt * A);  y += C . h_t  (kY).
-// kRecord (the backward's recompute, always whole chunks): a_t h_{t-1} and a_t are
+// kRecord (the backward's recompute, always whole chunks): h_{t-1} and a_t are
 // recorded for the reverse pass, step by step (rec[(t * NB * V + i) * 2 + {0, 1}]
 // for state-vector i: the reverse pass reads them back as one stream), and dy_t h_t
 // summed over the channels goes to dC (rows.C + k * L for state k, offset to the
@@ -217,10 +224,9 @@ SM_INLINE void advance_states(const simd::vec_t<T>* A2, simd::vec_t<T>* h, const
         const int i = k * V + v;
         const vec e = simd::exp2<T>(dt[v * kChunk + t] * a2[i]);
         if constexpr (kRecord) {
-          const vec decayed = e * hh[i];
-          hh[i] = decayed + dtu[v * kChunk + t] * b;
-          rec[(t * NB * V + i) * 2] = decayed;
+          rec[(t * NB * V + i) * 2] = hh[i];
           rec[(t * NB * V + i) * 2 + 1] = e;
+          hh[i] = e * hh[i] + dtu[v * kChunk + t] * b;
           dc += dy[v * kChunk + t] * hh[i];
         } else {
           hh[i] = e * hh[i] + dtu[v * kChunk + t] * b;
@@ -244,10 +250,10 @@ SM_INLINE void advance_states(const simd::vec_t<T>* A2, simd::vec_t<T>* h, const
 //   g_t = dy_t C_t + a_{t+1} g_{t+1}           (carry = a_{t+1} g_{t+1})
 //   dB_t += sum over channels of g_t dt_t u_t  (rows.B, as dC in advance_states)
 //   gb_t += g_t B_t                            (-> du = gb dt, ddt = gb u)
-//   x = g_t a_t h_{t-1}:  ddt += x A,  dA += x dt
-// a_t h_{t-1} is recorded rather than recovered as h_t - dt u B, which cancels
+//   x = a_t g_t h_{t-1}:  ddt += x A,  dA += x dt
+// h_{t-1} is recorded rather than recovered as (h_t - dt u B) / a_t, which cancels
 // badly when a_t is tiny and |A| large. The recurrence leaves x in place of
-// a_t h_{t-1}, and a second pass over the chunk sums it into ddt and dA: done in
+// h_{t-1}, and a second pass over the chunk sums it into ddt and dA: done in
 // the recurrence, the dA accumulators no longer fit in registers beside the
 // carries, and the spills cost more than that pass.
 template <class T, int NB, int V>
@@ -271,10 +277,10 @@ SM_INLINE void reverse_states(const simd::vec_t<T>* A, simd::vec_t<T>* carry, si
       for (int v = 0; v < V; ++v) {
         const int i = k * V + v;
         const vec g = dy[v * kChunk + t] * cc + c[i];
-        c[i] = r[2 * i + 1] * g;
+        c[i] = r[2 * i + 1] * g;  // a_t g_t: the next carry, and x / h_{t-1}
         db += g * dtu[v * kChunk + t];
         gbt[v] += g * b;
-        r[2 * i] *= g;
+        r[2 * i] *= c[i];
       }
       redB[k * W + t % W] = db;
     }
@@ -312,7 +318,7 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
   load_A(p, tl, 1, ws.A.data(), ws.A2.data());
   std::fill(ws.h.begin(), ws.h.end(), simd::splat<T>(T(0)));
   const vec Dv = load_channels(p.D + tl.d0, tl.lanes);
-  const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L;
+  const int64_t row0 = (tl.b * p.dim + tl.d0) * p.L, bc0 = (tl.b * p.groups + tl.g) * p.N * p.L;
   for (int64_t t0 = 0; t0 < p.L; t0 += kChunk) {
     const int steps = int(std::min<int64_t>(kChunk, p.L - t0));
     // Chunk states are read only by the backward, later and in reverse order: caching them
@@ -320,9 +326,10 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
     if (chunk_states)
       for (int64_t n = 0; n < p.N; ++n)
         stream_channels(ws.h[n], tl.lanes, chunk_states + chunk_state_offset(p, tl, t0 / kChunk, n));
-    load_dt(p, tl, t0, steps, false, kAheadFwd, ws);
-    load_bc_rows(p.B, p, tl, t0, steps, kAheadFwd, ws.B.data());
-    load_bc_rows(p.C, p, tl, t0, steps, kAheadFwd, ws.C.data());
+    const auto rows_at = [&](const IO* src) { return Rows<IO>{src + t0, p.L, kAhead}; };
+    load_dt(p, tl, rows_at(p.u + row0), rows_at(p.delta + row0), steps, false, ws);
+    load_bc_rows(rows_at(p.B + bc0), p.N, steps, ws.B.data());
+    load_bc_rows(rows_at(p.C + bc0), p.N, steps, ws.C.data());
     std::fill_n(ws.y.begin(), kChunk, simd::splat<T>(T(0)));
     for_state_groups<kMaxStates>(p.N, [&](auto nb, int64_t n0) {
       advance_states<T, decltype(nb)::value, 1, true, false>(ws.A2.data() + n0, ws.h.data() + n0, ws.dt.data(),
@@ -331,13 +338,13 @@ void forward_tile(const Problem<T, IO>& p, const Tile& tl, IO* out, T* last_stat
                                                              nullptr, nullptr, nullptr, BCRows<T>{}, 0);
     });
     if (p.z) {
-      load_tile(p.z + row0 + t0, p.L, tl.lanes, steps, kChunk, scalars<T>(ws.z.data()), kAheadFwd);
+      load_tile(rows_at(p.z + row0), tl.lanes, steps, kChunk, scalars<T>(ws.z.data()));
       for (int t = 0; t < steps; ++t)
         ws.y[t] = (ws.y[t] + Dv * ws.u[t]) * (ws.z[t] * simd::sigmoid<T>(ws.z[t]));
     } else {
       for (int t = 0; t < steps; ++t) ws.y[t] += Dv * ws.u[t];
     }
-    store_tile(scalars<T>(ws.y.data()), tl.lanes, steps, p.L, out + row0 + t0, kAheadFwd);
+    store_tile(scalars<T>(ws.y.data()), tl.lanes, steps, p.L, out + row0 + t0, kAhead);
   }
   simd::stream_fence();
   for (int c = 0; c < tl.lanes; ++c)
@@ -372,11 +379,43 @@ struct ChannelPartials {
   std::unique_ptr<T[]> dA, dD, ddelta_bias;  // [batch][dim][N], [batch][dim], [batch][dim]
 };
 
+// One batch of kStage steps of the backward's inputs for one work item, copied by
+// stage_rows: u, delta, z and dout of its channels, B and C of its (batch, group).
+template <class IO>
+struct Staged {
+  static constexpr int64_t kPitch = kStage + 64 / sizeof(IO);  // a line of padding per row
+  std::vector<IO> u, delta, z, dout, B, C;                      // [rows][kPitch]
+  int64_t t0 = -1;                                              // the batch's first step
+
+  Staged(int64_t channels, int64_t N)  // channels = 0: nothing staged
+      : u(channels * kPitch), delta(channels * kPitch), z(channels * kPitch), dout(channels * kPitch),
+        B(N * kPitch), C(N * kPitch) {}
+
+  // Stages the batch starting at step `first`: `rows` channel rows from offset `row0` of the
+  // (batch, dim, L) inputs, B and C's rows from offset `bc0`; then requests the first rows of
+  // the batch `next` steps away (0: none).
+  template <class T>
+  void stage(const Problem<T, IO>& p, const IO* dout_src, int64_t row0, int rows, int64_t bc0, int64_t first,
+             int64_t next) {
+    t0 = first;
+    const RowCopy<IO> copies[] = {
+        {p.u + row0 + t0, p.L, rows, u.data()},
+        {p.delta + row0 + t0, p.L, rows, delta.data()},
+        {p.z ? p.z + row0 + t0 : nullptr, p.L, p.z ? rows : 0, z.data()},
+        {dout_src + row0 + t0, p.L, rows, dout.data()},
+        {p.B + bc0 + t0, p.L, int(p.N), B.data()},
+        {p.C + bc0 + t0, p.L, int(p.N), C.data()},
+    };
+    stage_rows(copies, int(std::min<int64_t>(kStage, p.L - t0)), kPitch, next);
+  }
+};
+
 // The V consecutive blocks of one group starting at block index `first`, walked
 // together from the last chunk to the first.
 template <int V, class T, class IO>
 void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, int64_t first,
-                   const Grads<T, IO>& gr, ChannelPartials<T>& part, BCRows<T> rows, Workspace<T>& ws) {
+                   const Grads<T, IO>& gr, ChannelPartials<T>& part, BCRows<T> rows, Workspace<T>& ws,
+                   Staged<IO>& st) {
   using vec = simd::vec_t<T>;
   const vec zero = simd::splat<T>(T(0));
   const int64_t N = p.N;
@@ -391,18 +430,31 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
   }
   std::fill(ws.carry.begin(), ws.carry.end(), zero);
   std::fill(ws.dA.begin(), ws.dA.end(), zero);
+  // The V blocks are consecutive channels, staged as one run of rows.
+  const int channels = (V - 1) * Problem<T, IO>::W + tl[V - 1].lanes;
+  const int64_t row0 = (tl[0].b * p.dim + tl[0].d0) * p.L, bc0 = (tl[0].b * p.groups + tl[0].g) * p.N * p.L;
+  const bool staged = !st.u.empty();
+  st.t0 = -1;
   for (int64_t k = p.num_chunks() - 1; k >= 0; --k) {
     const int64_t t0 = k * kChunk;
     const int steps = int(std::min<int64_t>(kChunk, p.L - t0));
-    load_bc_rows(p.B, p, tl[0], t0, steps, kAheadBwd, ws.B.data());
-    load_bc_rows(p.C, p, tl[0], t0, steps, kAheadBwd, ws.C.data());
+    const int64_t batch = t0 / kStage * kStage;
+    if (staged && batch != st.t0) st.stage(p, dout, row0, channels, bc0, batch, batch > 0 ? -kStage : 0);
+    // This chunk of an input's rows from `row` on: in its staged copy, or in place (src).
+    const auto rows_at = [&](const std::vector<IO>& copy, const IO* src, int64_t row) {
+      return staged ? Rows<IO>{copy.data() + row * st.kPitch + t0 - st.t0, st.kPitch, 0}
+                    : Rows<IO>{src + row * p.L + t0, p.L, -kAhead};
+    };
+    load_bc_rows(rows_at(st.B, p.B + bc0, 0), N, steps, ws.B.data());
+    load_bc_rows(rows_at(st.C, p.C + bc0, 0), N, steps, ws.C.data());
     for (int v = 0; v < V; ++v) {
-      const int64_t row0 = (tl[v].b * p.dim + tl[v].d0) * p.L + t0;
+      const int64_t row = v * Problem<T, IO>::W;
       const int at = v * kChunk;
-      load_dt(p, tl[v], t0, steps, true, kAheadBwd, ws, at);
-      load_tile(dout + row0, p.L, tl[v].lanes, steps, kChunk, scalars<T>(ws.dout.data() + at), kAheadBwd);
+      load_dt(p, tl[v], rows_at(st.u, p.u + row0, row), rows_at(st.delta, p.delta + row0, row), steps, true, ws,
+              at);
+      load_tile(rows_at(st.dout, dout + row0, row), tl[v].lanes, steps, kChunk, scalars<T>(ws.dout.data() + at));
       if (gated) {
-        load_tile(p.z + row0, p.L, tl[v].lanes, steps, kChunk, scalars<T>(ws.z.data() + at), kAheadBwd);
+        load_tile(rows_at(st.z, p.z + row0, row), tl[v].lanes, steps, kChunk, scalars<T>(ws.z.data() + at));
         for (int t = at; t < at + kChunk; ++t) {
           ws.zsig[t] = simd::sigmoid<T>(ws.z[t]);
           ws.dy[t] = ws.dout[t] * ws.z[t] * ws.zsig[t];
@@ -450,10 +502,10 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
           ws.y[t] = ws.dout[t] * (ws.y[t] + Dv[v] * u) * s * (T(1) + ws.z[t] * (T(1) - s));
         }
       }
-      const int64_t row0 = (tl[v].b * p.dim + tl[v].d0) * p.L + t0;
-      store_tile(scalars<T>(ws.gb.data() + at), tl[v].lanes, steps, p.L, gr.du + row0, kAheadBwd);
-      store_tile(scalars<T>(ws.ddtA.data() + at), tl[v].lanes, steps, p.L, gr.ddelta + row0, kAheadBwd);
-      if (gated) store_tile(scalars<T>(ws.y.data() + at), tl[v].lanes, steps, p.L, gr.dz + row0, kAheadBwd);
+      const int64_t out0 = row0 + v * Problem<T, IO>::W * p.L + t0;
+      store_tile(scalars<T>(ws.gb.data() + at), tl[v].lanes, steps, p.L, gr.du + out0, -kAhead);
+      store_tile(scalars<T>(ws.ddtA.data() + at), tl[v].lanes, steps, p.L, gr.ddelta + out0, -kAhead);
+      if (gated) store_tile(scalars<T>(ws.y.data() + at), tl[v].lanes, steps, p.L, gr.dz + out0, -kAhead);
     }
   }
   simd::stream_fence();  // dB, dC rows (add_lane_sums)
@@ -469,11 +521,12 @@ void backward_tile(const Problem<T, IO>& p, const IO* dout, const T* chunk_state
 // Blocks [b0, b1) of one group, V at a time, the rest in fewer.
 template <int V, class T, class IO>
 void backward_blocks(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, int64_t b0, int64_t b1,
-                     const Grads<T, IO>& gr, ChannelPartials<T>& part, BCRows<T> rows, Workspace<T>& ws) {
+                     const Grads<T, IO>& gr, ChannelPartials<T>& part, BCRows<T> rows, Workspace<T>& ws,
+                     Staged<IO>& st) {
   int64_t i = b0;
   for (; i + V <= b1; i += V, rows.overwrite = false)
-    backward_tile<V>(p, dout, chunk_states, i, gr, part, rows, ws);
-  if constexpr (V > 1) backward_blocks<V - 1>(p, dout, chunk_states, i, b1, gr, part, rows, ws);
+    backward_tile<V>(p, dout, chunk_states, i, gr, part, rows, ws, st);
+  if constexpr (V > 1) backward_blocks<V - 1>(p, dout, chunk_states, i, b1, gr, part, rows, ws, st);
 }
 
 // dB and dC are sums over all channels of a (batch, group). With at least as
@@ -512,19 +565,22 @@ void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, co
                           std::unique_ptr<T[]>(new T[p.batch * p.dim]),
                           std::unique_ptr<T[]>(new T[p.batch * p.dim])};
 
+  const bool stage = L * int64_t(sizeof(IO)) % kAliasingRowBytes == 0;
+
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     Workspace<T> ws(N);
+    Staged<IO> st(stage ? kBwdVectors * Problem<T, IO>::W : 0, stage ? N : 0);
     if (by_pair) {
 #pragma omp for schedule(static)
       for (int64_t bg = 0; bg < BG; ++bg)
         backward_blocks<kBwdVectors>(p, dout, chunk_states, bg * nblk, (bg + 1) * nblk, gr, part,
-                                     rows_of(0, bg, true), ws);
+                                     rows_of(0, bg, true), ws, st);
     } else {
       const int64_t j = omp_get_thread_num();
       for (int64_t bg = begin(j) / nblk; bg * nblk < begin(j + 1); ++bg)
         backward_blocks<kBwdVectors>(p, dout, chunk_states, std::max(begin(j), bg * nblk),
-                                     std::min(begin(j + 1), (bg + 1) * nblk), gr, part, rows_of(j, bg, true), ws);
+                                     std::min(begin(j + 1), (bg + 1) * nblk), gr, part, rows_of(j, bg, true), ws, st);
 #pragma omp barrier
     }
     if (!direct || parts > 1) {
