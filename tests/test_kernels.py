@@ -289,11 +289,12 @@ def test_conv_gradcheck_cpu():
 
 # --------------------------------------------------------------------------- every CPU ISA level
 
-@pytest.mark.parametrize("level", dispatch.CPU_ISA_LEVELS)
-def test_cpu_isa_level_matches_reference(level, monkeypatch):
-    """Dispatch runs only the best level this CPU has; the lower ones (what older CPUs get) run here too."""
+@pytest.fixture(params=dispatch.CPU_ISA_LEVELS)
+def cpu_level(request, monkeypatch):
+    """Makes the CPU backend run the kernels of one ISA level. Dispatch runs only the best level
+    this CPU has; the lower ones (what older CPUs get) run here too. Returns the module."""
     _require("cpu")
-    best = dispatch.cpu_isa_supported()
+    level, best = request.param, dispatch.cpu_isa_supported()
     if dispatch.CPU_ISA_LEVELS.index(level) < dispatch.CPU_ISA_LEVELS.index(best):
         pytest.skip(f"this CPU runs up to {best}, not {level}")
     try:
@@ -301,6 +302,10 @@ def test_cpu_isa_level_matches_reference(level, monkeypatch):
     except ImportError as e:
         pytest.skip(f"{level} kernels not built: {e}")
     monkeypatch.setattr(dispatch, "_cpu_module", lambda: (mod, level, ""))
+    return mod
+
+
+def test_cpu_isa_level_matches_reference(cpu_level):
     # dim 19: whole SIMD tiles (moved by in-register transposes) and a partial one at every
     # width; L = 150: two whole chunks and a partial one.
     case = ScanCase(2, 19, 150, 16, None)
@@ -332,11 +337,11 @@ def test_cpu_scan_split_over_threads(case):
     (ScanCase(2, 22, 4096, 4, 2), torch.float64, OPTIONS[0], 1e-10),
     (ScanCase(1, 19, 8192, 2, None), torch.float32, OPTIONS[1], 2e-4),
 ], ids=lambda x: str(x) if isinstance(x, (ScanCase, torch.dtype)) else "")
-def test_cpu_scan_staged_rows(case, dtype, opts, tol):
+def test_cpu_scan_staged_rows(cpu_level, case, dtype, opts, tol):
     """Rows a multiple of `scan_staged_row_bytes` long (32^3 fp32 in the model) make the CPU
     backward read its inputs through per-thread row copies, a batch of steps at a time, walked
-    backwards: batch boundaries, a partial SIMD tile, groups, with and without the gate."""
-    _require("cpu")
-    row_bytes = dispatch.get_backend("cpu").info()["scan_staged_row_bytes"]
+    backwards: batch boundaries (2 or 4 chunks per batch, by level), a partial SIMD tile,
+    groups, with and without the gate."""
+    row_bytes = cpu_level.info()["scan_staged_row_bytes"]
     assert case.L * dtype.itemsize % row_bytes == 0, "the case no longer takes the staged path"
     check_scan("cpu", case, opts, dtype, torch.float64, tol)
