@@ -57,6 +57,16 @@ SM_INLINE void prefetch_read(const X* p) { __builtin_prefetch(p, 0, 2); }
 template <class X>
 SM_INLINE void prefetch_write(X* p) { __builtin_prefetch(p, 1, 2); }
 
+// prefetch_read / prefetch_write of the lines holding the n elements from p.
+template <class X>
+SM_INLINE void prefetch_read_span(const X* p, int n) {
+  for (int t = 0; t < n; t += 64 / int(sizeof(X))) prefetch_read(p + t);
+}
+template <class X>
+SM_INLINE void prefetch_write_span(X* p, int n) {
+  for (int t = 0; t < n; t += 64 / int(sizeof(X))) prefetch_write(p + t);
+}
+
 // Steps of a tile moved as whole W x W blocks (transposed in registers); the
 // rest, and tiles with fewer than W lanes, go element by element.
 template <class T>
@@ -80,7 +90,6 @@ struct Rows {
 template <class T, class IO>
 inline void load_tile(Rows<IO> src, int lanes, int steps, int padded_steps, T* dst) {
   constexpr int W = simd::V<T>::W;
-  constexpr int kLine = 64 / int(sizeof(IO));
   const int blocked = block_steps<T>(lanes, steps);
   for (int t = 0; t < blocked; t += W) {
     simd::vec_t<T> r[W];
@@ -91,8 +100,7 @@ inline void load_tile(Rows<IO> src, int lanes, int steps, int padded_steps, T* d
   std::fill(dst + int64_t(blocked) * W, dst + int64_t(padded_steps) * W, T(0));
   for (int c = 0; c < lanes; ++c) {
     const IO* row = src.p + c * src.stride;
-    if (src.ahead)
-      for (int t = 0; t < padded_steps; t += kLine) prefetch_read(row + src.ahead + t);
+    if (src.ahead) prefetch_read_span(row + src.ahead, padded_steps);
     for (int t = blocked; t < steps; ++t) dst[t * W + c] = to_compute<T>(row[t]);
   }
 }
@@ -103,9 +111,7 @@ inline void load_tile(Rows<IO> src, int lanes, int steps, int padded_steps, T* d
 template <class T, class IO>
 inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, IO* dst, int64_t prefetch_ahead) {
   constexpr int W = simd::V<T>::W;
-  constexpr int kLine = 64 / int(sizeof(IO));
-  for (int c = 0; c < lanes; ++c)
-    for (int t = 0; t < steps; t += kLine) prefetch_write(dst + c * row_stride + prefetch_ahead + t);
+  for (int c = 0; c < lanes; ++c) prefetch_write_span(dst + c * row_stride + prefetch_ahead, steps);
   const int blocked = block_steps<T>(lanes, steps);
   for (int t = 0; t < blocked; t += W) {
     simd::vec_t<T> r[W];
@@ -123,9 +129,7 @@ inline void store_tile(const T* src, int lanes, int steps, int64_t row_stride, I
 // segment `prefetch_ahead` elements away is requested now (0: none; see Rows).
 template <class T, class IO>
 inline void load_row(const IO* src, int steps, int padded, T* dst, int64_t prefetch_ahead) {
-  constexpr int kLine = 64 / int(sizeof(IO));
-  if (prefetch_ahead)
-    for (int t = 0; t < padded; t += kLine) prefetch_read(src + prefetch_ahead + t);
+  if (prefetch_ahead) prefetch_read_span(src + prefetch_ahead, padded);
   for (int t = 0; t < steps; ++t) dst[t] = to_compute<T>(src[t]);
   std::fill(dst + steps, dst + padded, T(0));
 }
@@ -154,10 +158,6 @@ struct RowCopy {
 template <class IO, size_t K>
 inline void stage_rows(const RowCopy<IO> (&copies)[K], int steps, int64_t pitch, int64_t next) {
   constexpr int kRowsAhead = 6;  // rows of one input share cache sets: fewer than the ways in flight
-  constexpr int kLine = 64 / int(sizeof(IO));
-  const auto request = [&](const IO* row) {
-    for (int t = 0; t < steps; t += kLine) prefetch_read(row + t);
-  };
   // Row i of the batch: the rows of copies[0], then of copies[1], ...
   const auto source = [&](int i) -> const IO* {
     for (const RowCopy<IO>& c : copies) {
@@ -168,15 +168,15 @@ inline void stage_rows(const RowCopy<IO> (&copies)[K], int steps, int64_t pitch,
   };
   int i = 0;
   for (; i < kRowsAhead; ++i)
-    if (const IO* row = source(i)) request(row);
+    if (const IO* row = source(i)) prefetch_read_span(row, steps);
   for (const RowCopy<IO>& c : copies)
     for (int r = 0; r < c.rows; ++r, ++i) {
-      if (const IO* row = source(i)) request(row);
+      if (const IO* row = source(i)) prefetch_read_span(row, steps);
       std::copy_n(c.src + r * c.stride, steps, c.dst + r * pitch);
     }
   if (next)
     for (i = 0; i < kRowsAhead; ++i)
-      if (const IO* row = source(i)) request(row + next);
+      if (const IO* row = source(i)) prefetch_read_span(row + next, steps);
 }
 
 // One vector of per-channel parameters p[d0 .. d0 + lanes), zero-padded.
