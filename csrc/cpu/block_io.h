@@ -8,6 +8,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <type_traits>
 
 #include "simd.h"
@@ -200,6 +203,19 @@ template <class T>
 inline void stream_channels(simd::vec_t<T> v, int lanes, T* p) {
   if (lanes == simd::V<T>::W && reinterpret_cast<uintptr_t>(p) % simd::kVecBytes == 0) return simd::stream<T>(p, v);
   store_channels(v, lanes, p);
+}
+
+// Scratch of n elements starting on a cache line: stream_channels streams into it
+// (without alignment, every store there would read its line first).
+template <class T>
+using LineArray = std::unique_ptr<T[], void (*)(void*)>;
+
+template <class T>
+LineArray<T> line_array(int64_t n) {
+  if (n == 0) return {nullptr, std::free};
+  void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return {static_cast<T*>(p), std::free};
 }
 
 }  // namespace segmamba

@@ -549,7 +549,7 @@ void backward(const Problem<T, IO>& p, const IO* dout, const T* chunk_states, co
   constexpr bool direct = std::is_same_v<T, IO>;
   const int64_t per_part = BG * N * L;
   const int64_t own = direct ? parts - 1 : parts;  // parts needing rows of their own
-  std::unique_ptr<T[]> ownB(new T[own * per_part]), ownC(new T[own * per_part]);
+  const LineArray<T> ownB = line_array<T>(own * per_part), ownC = line_array<T>(own * per_part);
   const auto rows_of = [&](int64_t j, int64_t bg, bool overwrite) {
     T *b, *c;
     if constexpr (direct) {
