@@ -139,7 +139,8 @@ def _paired_times(fwd, fwd_bwd, rounds: int, leaves: list[torch.Tensor], device:
         _sync(device)
         return time.perf_counter() - start
 
-    timed(fwd), timed(fwd_bwd)  # warm-up
+    timed(fwd)  # warm-up
+    timed(fwd_bwd)
     pairs = []
     for i in range(rounds):
         if i % 2:

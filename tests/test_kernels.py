@@ -320,8 +320,9 @@ def test_cpu_isa_level_matches_reference(cpu_level):
 def test_cpu_scan_split_over_threads(case):
     """Fewer (batch, group) pairs than threads: the CPU backward splits a group's channels over
     threads and adds their dB / dC sums; with 3 threads the ranges are uneven and one crosses
-    from one batch element to the next. L = 320 keeps every dB / dC row aligned to a vector,
-    so the first tile's sums take the non-temporal store path that other threads read back."""
+    from one batch element to the next. L = 320 keeps every dB / dC row aligned to a line (the
+    parts' own rows start on one too), so every part's sums take the non-temporal store path, and
+    other threads read them back; L = 300 takes the ordinary stores."""
     _require("cpu")
     before = torch.get_num_threads()
     torch.set_num_threads(3)
