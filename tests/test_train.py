@@ -194,12 +194,13 @@ def test_torchrun_two_processes_match_single_process(data_dir, tmp_path):
 
 
 _FAULTS_PROBE = """
-import resource, torch
+import resource, sys, torch
 from segmamba.host_memory import keep_freed_memory
 print(repr(keep_freed_memory()))
-def faults_of_a_step():  # 96 MiB in 1 MiB tensors written, then freed together, like a step's gradients
+block_mib = int(sys.argv[1])
+def faults_of_a_step():  # 96 MiB written in blocks, then freed together, like a step's gradients
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(1 << 18) for _ in range(96)]
+    blocks = [torch.ones(block_mib << 18) for _ in range(96 // block_mib)]
     del blocks
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(max([faults_of_a_step() for _ in range(10)][-3:]))
@@ -207,15 +208,18 @@ print(max([faults_of_a_step() for _ in range(10)][-3:]))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc setting")
+@pytest.mark.parametrize("block_mib", [1, 48], ids=lambda b: f"{b}MiB")
 @pytest.mark.parametrize("opt_out", [False, True])
-def test_keep_freed_memory(opt_out):
-    """With the setting, memory freed by one step is reused by the next without page faults.
-    (Without it, whether glibc returns the 96 MiB to the OS depends on the thresholds it adapted
-    earlier in the process: about half of such runs here fault all 24,576 pages in every step.)"""
+def test_keep_freed_memory(opt_out, block_mib):
+    """With the setting, memory freed by one step is reused by the next without page faults,
+    for blocks below glibc's mmap threshold (1 MiB) and above it (48 MiB, which glibc otherwise
+    maps afresh and unmaps on every free). (Without it, whether glibc returns the 1 MiB blocks
+    to the OS depends on the thresholds it adapted earlier in the process: about half of such
+    runs here fault all 24,576 pages in every step.)"""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["SEGMAMBA_KEEP_FREED_MEMORY"] = "0" if opt_out else "1"
-    res = subprocess.run([sys.executable, "-c", _FAULTS_PROBE], env=env, capture_output=True, text=True,
-                         timeout=300, check=True)
+    res = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, str(block_mib)], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
     why, faults = res.stdout.split()
     if opt_out:
         assert why == "'SEGMAMBA_KEEP_FREED_MEMORY=0'"
