@@ -8,8 +8,9 @@ faults those pages back in, one 4 KiB page at a time, each zeroed by the kernel.
 the benchmarks therefore ask malloc to keep freed memory and to serve every block, however
 large, from its heap. Measured on 2 cores (benchmarks/RESULTS.md): the main job (no block over
 32 MiB) faults 2.7x fewer pages and runs a few per cent faster; a SegMamba step on a 64^3 crop
-(blocks up to ~100 MB) went from 1.5 M faults and 9.2-9.5 s to under 0.03 M and 7.2-7.3 s, with
-peak memory 3.6 -> 3.9-4.0 GB. The memory a process uses at its peak stays with it until it exits.
+(blocks up to ~100 MB) went from 1.3-1.6 M faults and 8.9-9.5 s to under 0.03 M and 7.0-7.5 s,
+with peak memory 3.6 -> 3.9-4.0 GB. The memory a process uses at its peak stays with it until it
+exits.
 """
 
 from __future__ import annotations
