@@ -84,18 +84,19 @@ def _scan_inputs(dim: int, L: int, dtype: torch.dtype, device: str, grad: bool) 
     return {k: v.to(device).requires_grad_(grad) for k, v in x.items()}
 
 
+def _drop_grads(leaves: list[torch.Tensor]) -> None:
+    """As a training step's zero_grad: backward rounds then measure the op, not adding into old gradients."""
+    for t in leaves:
+        t.grad = None
+
+
 def _run_bench(benchmark, fn, device: str, rounds: int, leaves: list[torch.Tensor]) -> None:
-    """Times fn; before each round (untimed) the leaves' .grad is dropped, as a training step's
-    zero_grad does, so that backward rounds measure the op and not adding into old gradients."""
+    """Times fn; before each round (untimed) the leaves' .grad is dropped (_drop_grads)."""
     def call():
         fn()
         _sync(device)
 
-    def drop_grads():
-        for t in leaves:
-            t.grad = None
-
-    benchmark.pedantic(call, setup=drop_grads, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(call, setup=lambda: _drop_grads(leaves), rounds=rounds, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
@@ -132,8 +133,7 @@ def test_bench_selective_scan(benchmark, backend, shape, dtype, direction):
 def _paired_times(fwd, fwd_bwd, rounds: int, leaves: list[torch.Tensor], device: str) -> list[tuple[float, float]]:
     """(forward, forward+backward) seconds per round, the two timed back to back in alternating order."""
     def timed(fn) -> float:
-        for t in leaves:
-            t.grad = None
+        _drop_grads(leaves)
         start = time.perf_counter()
         fn()
         _sync(device)
@@ -151,9 +151,9 @@ def _paired_times(fwd, fwd_bwd, rounds: int, leaves: list[torch.Tensor], device:
     return pairs
 
 
-@pytest.mark.parametrize("L", [L for d, L in MAIN if d == 96] or [8**3], ids=lambda L: f"L{L}")
+@pytest.mark.parametrize("shape", MAIN, ids=lambda s: f"d{s[0]}-L{s[1]}")
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
-def test_bench_selective_scan_backward_ratio(benchmark, backend, L):
+def test_bench_selective_scan_backward_ratio(benchmark, backend, shape):
     """Forward+backward time over forward time (issue 2: <= 3.5 at L = 32^3), fp32, dim 96.
 
     The separate fwd and fwd+bwd benchmarks above run minutes apart on a shared machine, where
@@ -162,7 +162,7 @@ def test_bench_selective_scan_backward_ratio(benchmark, backend, L):
     extra_info: median per-round ratio, and the medians of both times.
     """
     device = _device_of(backend)
-    dim = 16 if QUICK else 96
+    dim, L = shape
     rounds = 1 if QUICK else (21 if L <= 32**3 else 5)
     x = _scan_inputs(dim, L, torch.float32, device, grad=True)
     plain = {k: v.detach() for k, v in x.items()}
