@@ -2,7 +2,7 @@
 
 Backends: ``reference`` (pure PyTorch), ``cpu`` (C++/OpenMP, csrc/cpu), ``cuda``
 (csrc/cuda) and ``triton``. ``backend="auto"`` picks by device; the environment
-variable ``SEGMAMBA_BACKEND`` overrides ``auto``. See design.md §3 for the contracts.
+variable ``SEGMAMBA_BACKEND`` overrides ``auto``. See docs/design.md §3 for the contracts.
 """
 
 from .dispatch import BACKENDS, BackendUnavailableError, backend_status, cpu_isa_level, warn_if_nothing_compiled

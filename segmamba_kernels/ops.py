@@ -103,7 +103,7 @@ def selective_scan(
     ``return_last_state``, the final state (batch, dim, N) in float32 (float64 for float64 inputs),
     which is not differentiable. delta, B, C and z are computed in u's dtype (cast if they differ);
     the state and all arithmetic are float32 (float64 for float64 inputs).
-    ``backend``: "auto", "reference", "cpu", "cuda" or "triton" (see design.md §3).
+    ``backend``: "auto", "reference", "cpu", "cuda" or "triton" (see docs/design.md §3).
     """
     check_selective_scan_args(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_backend(backend, u.device)

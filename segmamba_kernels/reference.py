@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations of the two ops (design.md §3).
+"""Pure-PyTorch reference implementations of the two ops (docs/design.md §3).
 
 Readable over fast: a sequential loop over L that follows the math line by line.
 Works for any floating dtype, float64 included; the scan state is kept in

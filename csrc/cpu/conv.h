@@ -1,4 +1,4 @@
-// Causal depthwise conv1d (design.md §3) forward and backward on the CPU:
+// Causal depthwise conv1d (docs/design.md §3) forward and backward on the CPU:
 // one (batch, channel) row at a time (OpenMP over rows), vectorised over time,
 // the row walked in chunks that stay in cache.
 //   out[t] = act(bias + sum_k w[k] x[t - (K-1) + k]),  x = 0 before t = 0.

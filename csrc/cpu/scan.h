@@ -1,4 +1,4 @@
-// Selective scan (design.md §3) forward and backward on the CPU.
+// Selective scan (docs/design.md §3) forward and backward on the CPU.
 //
 // Layout of the work: one work item ("tile") is W consecutive channels of one
 // (batch, group) in the forward, up to kBwdVectors such blocks in the backward,

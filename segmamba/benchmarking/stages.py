@@ -132,7 +132,7 @@ def _pct(x: float, total: float) -> str:
     return f"{100 * x / total:5.1f}%" if total > 0 else "-"
 
 
-# SegMamba's stages, by module path (design.md §4); other models are summarised by top-level module.
+# SegMamba's stages, by module path (docs/design.md §4); other models are summarised by top-level module.
 STAGE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"encoder\.downsample\.0", "stem (conv 7^3, stride 2)"),
     (r"encoder\.downsample\.\d+", "downsamplers (IN + conv 2^3)"),

@@ -1,4 +1,4 @@
-"""Gated spatial convolution (GSC), the block in front of each encoder stage (design.md §4)."""
+"""Gated spatial convolution (GSC), the block in front of each encoder stage (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tri-orientated Mamba (ToM) and the Mamba layer of the SegMamba encoder (design.md §4)."""
+"""Tri-orientated Mamba (ToM) and the Mamba layer of the SegMamba encoder (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The three token orders that tri-orientated Mamba scans (design.md §4).
+"""The three token orders that tri-orientated Mamba scans (docs/design.md §4).
 
 Tokens are the flattened (depth, height, width) feature map, depth outermost, laid out
 along the last axis of a (batch, channels, L) tensor. The scan runs along that axis, so a

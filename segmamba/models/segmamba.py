@@ -1,4 +1,4 @@
-"""SegMamba: Mamba encoder over the whole volume, UNETR-style decoder from MONAI blocks (design.md §4)."""
+"""SegMamba: Mamba encoder over the whole volume, UNETR-style decoder from MONAI blocks (docs/design.md §4)."""
 
 from __future__ import annotations
 
