@@ -55,8 +55,7 @@ else
   step "installing $TORCH_SPEC and the build tools" install_deps
 fi
 
-build_stamp=$("$PY" scripts/build_stamp.py 2>>"$LOG")
-if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$build_stamp" ] && "$PY" scripts/build_stamp.py --check 2>>"$LOG"; then
+if "$PY" scripts/build_stamp.py --check "$BUILD_STAMP" 2>>"$LOG"; then
   echo "bootstrap: kernels up to date (same sources, flags and torch as the last build)"
 else
   rm -f "$BUILD_STAMP"
@@ -65,7 +64,7 @@ else
   # see them whether they import from the tree or from site-packages.
   step "installing the package and its dependencies, building the kernels (4-6 min on 2 cores)" \
     "$PY" -m pip install -q --no-build-isolation -e ".[test]"
-  echo "$build_stamp" >"$BUILD_STAMP"
+  "$PY" scripts/build_stamp.py >"$BUILD_STAMP"
 fi
 echo "$deps_stamp" >"$DEPS_STAMP"
 

@@ -1,11 +1,12 @@
 """Print the stamp of what the compiled kernels are built from, or check that they are built.
 
-    python scripts/build_stamp.py          # one line: a hash of csrc/, setup.py, pyproject.toml,
-                                           # the build flags and the torch/Python versions
-    python scripts/build_stamp.py --check  # exit 0 if every extension the last build made imports
+    python scripts/build_stamp.py               # one line: a hash of csrc/, setup.py, pyproject.toml,
+                                                # the build flags and the torch/Python versions
+    python scripts/build_stamp.py --check FILE  # exit 0 if FILE holds that hash and every
+                                                # extension the last build made is present
 
-scripts/bootstrap.sh stores the stamp after a build and skips the next build when the stamp is
-unchanged and --check passes. Run with the environment's Python, from the repository root.
+scripts/bootstrap.sh stores the stamp after a build and skips the next build when --check passes.
+Run with the environment's Python, from the repository root.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def built() -> bool:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--check"]:
-        sys.exit(0 if built() else 1)
+    if len(sys.argv) == 3 and sys.argv[1] == "--check":
+        stored = Path(sys.argv[2])
+        sys.exit(0 if stored.is_file() and stored.read_text().strip() == stamp() and built() else 1)
     print(stamp())
