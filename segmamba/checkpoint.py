@@ -6,7 +6,11 @@ A checkpoint is a dict of plain data and tensors only, so it loads with
     format_version  int
     model_config    dict accepted by segmamba.models.build_model(**model_config)
     model           state_dict
-    train_config    dict: at least roi_size (list of 3 ints) and modalities (list of str)
+    train_config    dict: at least roi_size (list of 3 ints) and modalities (list of str); written by
+                    the trainer also ``dataset``, the data set description
+                    (segmamba.data.description.DatasetDescription.to_dict: channels and their
+                    normalisation, labels, regions, target spacing, CT statistics), which is all
+                    prediction needs besides the images; without it, BraTS with these modalities
     epoch           int, epochs completed
     optimizer, scheduler, rng, best_metric, ...   (trainer state, optional)
 """

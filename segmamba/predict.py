@@ -1,19 +1,26 @@
-"""Segment BraTS cases with a trained checkpoint: sliding windows, optional mirror TTA, NIfTI out.
+"""Segment cases with a trained checkpoint: sliding windows, optional mirror TTA, NIfTI out.
 
     python -m segmamba.predict --checkpoint CKPT --input DIR_OR_CASE --out DIR [--tta] [--png]
     python -m segmamba.predict ... --input DATA --split RUN/split.json --subset test   # held-out cases only
 
-Each case is preprocessed exactly as in training (``segmamba.data.preprocess``: crop to the brain,
-z-score per modality), segmented with MONAI's sliding-window inferer (window = the training crop
-stored in the checkpoint, overlap 0.5, Gaussian weighting), and the labels are pasted back into
-the uncropped grid. Output: ``OUT/<case>.nii.gz`` (the BraTS2023 submission name), uint8 labels
-{0, 1, 2, 3}, with the input's shape, affine and header (geometry of the first modality).
-The checkpoint carries the model configuration and the modality order, so there are no
-architecture flags. Checkpoints are loaded as untrusted data (``torch.load(weights_only=True)``).
+--input: a data set folder of any layout the trainer reads (BraTS2023, nnU-Net v2 raw, Decathlon:
+its labelled cases), one BraTS case folder, or a folder of images (nnU-Net ``CASE_XXXX.nii.gz``
+files as in imagesTr/imagesTs, or one 3D/4D file per case as in a Decathlon imagesTs).
+
+Each case is preprocessed exactly as in training (``segmamba.data.preprocess``: crop to the
+non-zero box, normalisation per channel, resampling to the training spacing), segmented with
+MONAI's sliding-window inferer (window = the training crop stored in the checkpoint, overlap 0.5,
+Gaussian weighting); the probabilities are resampled back to the case's own grid, turned into
+labels (argmax, or for region-based data sets regions -> labels by ``regions_class_order``) and
+pasted into the uncropped volume. Output: ``OUT/<case>.nii.gz`` (the BraTS2023 submission and
+nnU-Net names), uint8 in the data set's label values, with the input's shape, affine and header
+(geometry of the first image file). The checkpoint carries the model configuration and the data
+set description (channels, labels, regions, spacing, normalisation statistics), so there are no
+architecture or data flags. Checkpoints are loaded as untrusted data (``torch.load(weights_only=True)``).
 
 Memory: windows run on ``--device``; the blended logits and the averaged probabilities of the
-cropped brain (4 x about 140x170x140 float32 for a 240x240x155 BraTS case, ~50 MB each) are the
-only full-volume float tensors.
+cropped volume (K x about 140x170x140 float32 for a 240x240x155 BraTS case, ~50 MB per channel)
+are the only full-volume float tensors.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from . import cpu_threads  # noqa: F401  first: it sets the OpenMP wait policy before torch loads libgomp
+
 import nibabel as nib
 import numpy as np
 import torch
@@ -33,8 +42,12 @@ from monai.inferers import sliding_window_inference
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data.brats import VALID_LABELS, Case, find_cases, load_case
-from .data.preprocess import preprocess
+from .data.brats import brats_source, find_cases
+from .data.description import DatasetDescription, brats_description
+from .data.layouts import image_folder_cases, open_dataset
+from .data.loading import Case, CaseSource, load_case
+from .data.preprocess import preprocess_case, restore
+from .data.regions import outputs_to_labels
 from .data.split import SPLITS
 from .evaluate import read_label
 
@@ -53,14 +66,17 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size: Sequence[int], *,
                           tta: bool = False, sw_batch_size: int = 1, amp: bool = False,
-                          overlap: float = OVERLAP) -> torch.Tensor:
-    """Softmax probabilities (K, X, Y, Z), float32 on the model's device, of a preprocessed image.
+                          overlap: float = OVERLAP, activation: str = "softmax") -> torch.Tensor:
+    """Probabilities (K, X, Y, Z), float32 on the model's device, of a preprocessed image.
 
     `image` is (C, X, Y, Z), already cropped and normalised like the training data (the trainer's
     cached volumes are). `model` must be in eval mode and map (B, C, ...) to logits (B, K, ...).
-    Windows are blended in logit space with Gaussian weights; with `tta` the softmax outputs of the
-    image and its 7 mirror images (each mirrored back) are averaged.
+    Windows are blended in logit space with Gaussian weights; `activation` "softmax" (exclusive
+    labels) or "sigmoid" (one probability per region); with `tta` the probabilities of the image
+    and its 7 mirror images (each mirrored back) are averaged.
     """
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation: expected 'softmax' or 'sigmoid', got {activation!r}")
     if image.ndim != 4:
         raise ValueError(f"image: expected shape (C, X, Y, Z), got {tuple(image.shape)}")
     if len(roi_size) != 3 or any(int(r) < 1 for r in roi_size):
@@ -76,7 +92,7 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size:
                                               sw_batch_size=sw_batch_size, predictor=model,
                                               overlap=overlap, mode="gaussian", sw_device=device,
                                               device=device)
-        probs = torch.softmax(logits.float(), dim=1)
+        probs = torch.softmax(logits.float(), dim=1) if activation == "softmax" else torch.sigmoid(logits.float())
         del logits
         if axes:
             probs = probs.flip(axes)
@@ -84,17 +100,20 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size:
     return total[0].div_(len(mirrors))
 
 
-def predict_case(model: torch.nn.Module, case: Case, roi_size: Sequence[int], *, tta: bool = False,
+def predict_case(model: torch.nn.Module, case: Case, roi_size: Sequence[int], *,
+                 description: DatasetDescription | None = None, tta: bool = False,
                  sw_batch_size: int = 1, amp: bool = False) -> np.ndarray:
-    """uint8 label map {0..3} with the shape of `case.image`'s volume (preprocessing crop undone)."""
-    cropped, bbox = preprocess(case.image)
-    probs = predict_probabilities(model, torch.from_numpy(cropped), roi_size, tta=tta,
-                                  sw_batch_size=sw_batch_size, amp=amp)
-    if probs.shape[0] != len(VALID_LABELS):
-        raise ValueError(f"model: expected {len(VALID_LABELS)} output channels (labels 0..3), "
+    """uint8 label map (the description's label values; default BraTS 0..3) on the grid of
+    `case.image` (crop and resampling undone)."""
+    desc = description or brats_description()
+    image, _, geom = preprocess_case(case.image, case.spacing, desc)
+    probs = predict_probabilities(model, torch.from_numpy(image), roi_size, tta=tta, sw_batch_size=sw_batch_size,
+                                  amp=amp, activation="sigmoid" if desc.region_based else "softmax")
+    if probs.shape[0] != desc.out_channels:
+        raise ValueError(f"model: expected {desc.out_channels} output channels ({desc.outputs}), "
                          f"got {probs.shape[0]}")
     labels = np.zeros(case.image.shape[1:], dtype=np.uint8)
-    labels[bbox] = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    labels[geom.bbox] = outputs_to_labels(restore(probs, geom), desc, logits=False).cpu().numpy()
     return labels
 
 
@@ -109,6 +128,14 @@ def save_prediction(labels: np.ndarray, case: Case, path: str | os.PathLike) -> 
     nib.save(img, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def checkpoint_description(tcfg: dict) -> DatasetDescription:
+    """The data set description a checkpoint was trained with (BraTS with its modalities for
+    checkpoints written before descriptions were recorded)."""
+    if "dataset" in tcfg:
+        return DatasetDescription.from_dict(tcfg["dataset"])
+    return brats_description(tcfg["modalities"])
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
@@ -136,6 +163,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise CheckpointError(f"checkpoint {path}: model takes in_chans={in_chans} channels but "
                               f"train_config lists {len(mods)} modalities {list(mods)}")
     try:
+        desc = checkpoint_description(tcfg)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: train_config dataset: {e}") from e
+    out_chans = cfg.get("out_chans", desc.out_channels)
+    if desc.channel_names() != list(mods) or out_chans != desc.out_channels:
+        raise CheckpointError(f"checkpoint {path}: the model ({in_chans} in, {out_chans} out) does not fit its "
+                              f"data set description ({len(desc.channels)} channels, {desc.outputs})")
+    try:
         model = build_model(**cfg)
         model.load_state_dict(state["model"], strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
@@ -144,17 +179,28 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"
     return model.to(device).eval(), tcfg
 
 
-def input_cases(path: str | os.PathLike) -> list[Path]:
-    """One case folder (files named <folder>-<modality>.nii.gz) or every case folder under `path`."""
+def input_cases(path: str | os.PathLike, desc: DatasetDescription | None = None) -> list[CaseSource]:
+    """The cases to segment: a data set folder (its labelled cases), one BraTS case folder (files
+    named <folder>-<modality>.nii.gz), a folder of BraTS case folders, or a folder of images."""
+    desc = desc or brats_description()
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--input: not a directory: {path}")
-    own = [f for f in path.iterdir()
-           if f.is_file() and f.name.startswith(f"{path.name}-") and f.name.endswith((".nii", ".nii.gz"))]
-    return [path] if own else find_cases(path)
+    if (path / "dataset.json").is_file():
+        try:
+            return open_dataset(path).cases
+        except ValueError as e:
+            raise FileNotFoundError(f"--input: {e}") from e
+    names = desc.channel_names()
+    files = [f for f in path.iterdir() if f.is_file() and f.name.endswith((".nii", ".nii.gz"))]
+    if any(f.name.startswith(f"{path.name}-") for f in files):
+        return [brats_source(path, names, with_label=False)]
+    if files:
+        return image_folder_cases(path, desc)
+    return [brats_source(c, names, with_label=False) for c in find_cases(path)]
 
 
-def select_subset(cases: list[Path], split_file: Path, subset: str) -> list[Path]:
+def select_subset(cases: list[CaseSource], split_file: Path, subset: str) -> list[CaseSource]:
     """The cases of `subset` in a split JSON written by segmamba.train; all of them must be present."""
     try:
         split = json.loads(Path(split_file).read_text())
@@ -170,32 +216,37 @@ def select_subset(cases: list[Path], split_file: Path, subset: str) -> list[Path
     return [by_name[n] for n in sorted(split[subset])]
 
 
-def _reference(case_dir: Path) -> np.ndarray | None:
-    """The case's own segmentation for the picture, if the folder has one."""
-    found = [case_dir / f"{case_dir.name}-seg{ext}" for ext in (".nii.gz", ".nii")]
-    found = [p for p in found if p.is_file()]
-    return read_label(found[0])[0] if found else None
+def _reference(src: CaseSource, desc: DatasetDescription) -> np.ndarray | None:
+    """The case's own segmentation for the picture, if the data set has one."""
+    label = src.label
+    if label is None and src.images and src.images[0].parent.name == src.name:  # a BraTS case folder
+        label = brats_source(src.images[0].parent, []).label
+    return read_label(label, desc)[0] if label is not None and label.is_file() else None
 
 
-def _write_png(case: Case, case_dir: Path, labels: np.ndarray, modalities: Sequence[str], out: Path) -> None:
+def _write_png(case: Case, src: CaseSource, labels: np.ndarray, desc: DatasetDescription, out: Path) -> None:
     from .viz import render_case  # matplotlib only when pictures are asked for
-    channel = list(modalities).index("t2f") if "t2f" in modalities else 0
-    render_case(case.image[channel], case.affine, labels, _reference(case_dir), out,
-                title=case.name, background_name=modalities[channel])
+    names = desc.channel_names()
+    channel = names.index("t2f") if "t2f" in names else 0
+    render_case(case.image[channel], case.affine, labels, _reference(src, desc), out,
+                title=case.name, background_name=names[channel], targets=desc.evaluation)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m segmamba.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint written by segmamba.train")
-    p.add_argument("--input", required=True, type=Path,
-                   help="one BraTS case folder, or a folder of case folders")
+    p.add_argument("--input", "--data", required=True, type=Path,
+                   help="a data set folder (BraTS2023, nnU-Net v2 raw or Decathlon: its labelled cases), one "
+                        "BraTS case folder, or a folder of images (nnU-Net CASE_XXXX.nii.gz as in imagesTs, "
+                        "or one 3D/4D file per case)")
     p.add_argument("--out", required=True, type=Path, help="output folder for <case>.nii.gz (created)")
     p.add_argument("--split", type=Path, help="split JSON from segmamba.train: predict only the --subset cases")
     p.add_argument("--subset", choices=SPLITS, default="test", help="which cases of --split (default test)")
     p.add_argument("--tta", action="store_true", help="average over the 8 mirror images (3 axes); 8x slower")
     p.add_argument("--png", action="store_true",
-                   help="also write <case>.png: axial/coronal/sagittal slices with outlines over FLAIR")
+                   help="also write <case>.png: axial/coronal/sagittal slices with outlines over FLAIR "
+                        "(the first channel when there is no t2f)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model")
@@ -211,26 +262,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model, tcfg = load_model(args.checkpoint, args.device)
-        cases = input_cases(args.input)
+        desc = checkpoint_description(tcfg)
+        cases = input_cases(args.input, desc)
         if args.split is not None:
             cases = select_subset(cases, args.split, args.subset)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    modalities, roi = list(tcfg["modalities"]), tcfg["roi_size"]
+    roi = tcfg["roi_size"]
     args.out.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
-    for case_dir in tqdm(cases, unit="case", desc="predict", disable=args.no_progress):
+    for src in tqdm(cases, unit="case", desc="predict", disable=args.no_progress):
         try:
-            case = load_case(case_dir, modalities, with_label=False)
-            labels = predict_case(model, case, roi, tta=args.tta, sw_batch_size=args.sw_batch_size,
-                                  amp=args.amp)
+            case = load_case(src, desc, with_label=False)
+            labels = predict_case(model, case, roi, description=desc, tta=args.tta,
+                                  sw_batch_size=args.sw_batch_size, amp=args.amp)
             save_prediction(labels, case, args.out / f"{case.name}.nii.gz")
             if args.png:
-                _write_png(case, case_dir, labels, modalities, args.out / f"{case.name}.png")
+                _write_png(case, src, labels, desc, args.out / f"{case.name}.png")
         except (ValueError, OSError) as e:  # CaseError is a ValueError; nibabel errors surface as either
-            failures.append(f"{case_dir.name}: {e}")
-            tqdm.write(f"failed: {case_dir.name}: {e}", file=sys.stderr)
+            failures.append(f"{src.name}: {e}")
+            tqdm.write(f"failed: {src.name}: {e}", file=sys.stderr)
     print(f"predicted {len(cases) - len(failures)} of {len(cases)} case(s) into {args.out}")
     if failures:
         print(f"{len(failures)} case(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -26,7 +27,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from .data.brats import CaseError, case_files  # noqa: E402
-from .data.regions import REGIONS, labels_to_regions  # noqa: E402
+from .data.description import Target  # noqa: E402
+from .data.regions import BRATS_TARGETS, target_masks  # noqa: E402
 
 FIGSIZE = (12.0, 4.8)   # inches; with DPI gives a fixed 1200 x 480 pixel PNG
 DPI = 100
@@ -34,6 +36,12 @@ COLOURS = {"WT": "#2ca02c", "TC": "#ffd400", "ET": "#d62728"}
 # TC and ET often share their outer border (enhancing rim around necrosis): TC is drawn wider so it
 # shows as a halo around the ET line instead of disappearing under it.
 WIDTHS = {"WT": 1.2, "TC": 2.6, "ET": 1.0}
+# Other data sets' structures, in order.
+_CYCLE = ("#2ca02c", "#ffd400", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#17becf", "#e377c2")
+
+
+def _style(i: int, name: str) -> tuple[str, float]:
+    return COLOURS.get(name, _CYCLE[i % len(_CYCLE)]), WIDTHS.get(name, 1.2)
 
 
 def tumour_centre(pred: np.ndarray, ref: np.ndarray | None = None) -> tuple[int, int, int]:
@@ -63,15 +71,17 @@ def _ras_spacing(affine: np.ndarray) -> np.ndarray:
 
 
 def render_case(background: np.ndarray, affine: np.ndarray, pred: np.ndarray, ref: np.ndarray | None,
-                out: str | os.PathLike, *, title: str = "", background_name: str = "t2f") -> Path:
-    """Write the three-view PNG of one case to `out` (all volumes on the grid of `affine`)."""
+                out: str | os.PathLike, *, title: str = "", background_name: str = "t2f",
+                targets: Sequence[Target] = BRATS_TARGETS) -> Path:
+    """Write the three-view PNG of one case to `out` (all volumes on the grid of `affine`), with the
+    outlines of `targets` (default BraTS's WT, TC, ET)."""
     for name, vol in (("pred", pred), ("ref", ref)):
         if vol is not None and vol.shape != background.shape:
             raise ValueError(f"{name}: shape {vol.shape} differs from the image shape {background.shape}")
     bg = _to_ras(background, affine)
-    layers = {"prediction": labels_to_regions(_to_ras(pred, affine))}
+    layers = {"prediction": target_masks(_to_ras(pred, affine), targets)}
     if ref is not None:
-        layers["reference"] = labels_to_regions(_to_ras(ref, affine))
+        layers["reference"] = target_masks(_to_ras(ref, affine), targets)
     sx, sy, sz = _ras_spacing(affine)
     cx, cy, cz = tumour_centre(_to_ras(pred, affine), None if ref is None else _to_ras(ref, affine))
     nonzero = bg[bg != 0]
@@ -86,15 +96,17 @@ def render_case(background: np.ndarray, affine: np.ndarray, pred: np.ndarray, re
                   interpolation="nearest")
         for layer, masks in layers.items():
             style = "solid" if layer == "prediction" else "dashed"
-            for i, region in enumerate(REGIONS):
+            for i, target in enumerate(targets):
                 mask = cut(masks[i]).T
                 if mask.any():
-                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=COLOURS[region],
-                               linestyles=style, linewidths=WIDTHS[region])
+                    colour, width = _style(i, target.name)
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=colour,
+                               linestyles=style, linewidths=width)
         ax.set_title(label, fontsize=10)
         ax.set_axis_off()
-    handles = [Line2D([], [], color=COLOURS[r], linestyle="solid" if layer == "prediction" else "dashed",
-                      linewidth=WIDTHS[r], label=f"{r} {layer}") for layer in layers for r in REGIONS]
+    handles = [Line2D([], [], color=_style(i, t.name)[0], linestyle="solid" if layer == "prediction" else "dashed",
+                      linewidth=_style(i, t.name)[1], label=f"{t.name} {layer}")
+               for layer in layers for i, t in enumerate(targets)]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.suptitle(f"{title}  ({background_name}; R on the right)".strip(), fontsize=11)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.1, wspace=0.03)

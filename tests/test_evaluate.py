@@ -222,3 +222,40 @@ def test_cli_affine_mismatch_and_missing_folder(tmp_path, capsys):
     assert "affine differs from the reference" in capsys.readouterr().err
     assert main(["--pred", str(tmp_path / "nope"), "--ref", str(tmp_path / "ref")]) == 2
     assert "--pred: not a directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- pooled HD95 (medpy, public SegMamba script)
+
+def _plate_and_line(shape=(14, 14, 16)) -> tuple[np.ndarray, np.ndarray]:
+    """a: a 10x10 plate one voxel thick at z=1; b: the same plate at z=3 plus a 10-voxel line at z=13
+    right above a. Every voxel is a surface voxel. Surface distances, in units of the z spacing dz:
+    a->b 100 x 2; b->a 100 x 2 and 10 x 12 (straight down, a covers the line's footprint)."""
+    a = box(shape, (2, 2, 1), (12, 12, 2))
+    b = box(shape, (2, 2, 3), (12, 12, 4)) | box(shape, (2, 5, 13), (12, 6, 14))
+    return a, b
+
+
+def test_hd95_pooled_against_hand_computed_value(tmp_path, capsys):
+    spacing = (0.8, 1.1, 1.5)
+    a, b = _plate_and_line()
+    # Per direction (MONAI): b->a has 110 distances; the 95th percentile sits at rank 0.95 * 109 = 103.55,
+    # inside the 10 values of 12 dz: 18 mm. Pooled (medpy): 210 distances; rank 0.95 * 209 = 198.55 falls
+    # among the 200 values of 2 dz: 3 mm.
+    assert binary_scores(a, b, spacing)["HD95"] == pytest.approx(12 * 1.5, rel=1e-6)
+    assert binary_scores(a, b, spacing, hd95="pooled")["HD95"] == pytest.approx(2 * 1.5, rel=1e-6)
+    assert binary_scores(a, b, spacing, hd95="pooled")["HD95"] == pytest.approx(brute_hd95(a, b, spacing, pooled=True))
+    assert binary_scores(a, b, spacing, hd95="pooled")["Dice"] == 0.0
+    empty = np.zeros_like(a)
+    assert binary_scores(empty, empty, spacing, hd95="pooled") == {"Dice": 1.0, "HD95": 0.0}
+    with pytest.raises(ValueError, match="hd95: expected one of"):
+        binary_scores(a, b, spacing, hd95="medpy")
+    # the command line: WT of label-2 masks (TC, ET empty on both sides)
+    _save(tmp_path / "pred" / "P-1.nii.gz", a * 2, zooms=spacing)
+    _save(tmp_path / "ref" / "P-1.nii.gz", b * 2, zooms=spacing)
+    for mode, expected in (("monai", 18.0), ("pooled", 3.0)):
+        out = tmp_path / f"{mode}.csv"
+        assert main(["--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--hd95", mode,
+                     "--csv", str(out), "--no-progress"]) == 0
+        row = next(csv.DictReader(open(out)))
+        assert float(row["HD95_WT"]) == pytest.approx(expected, rel=1e-5) and float(row["HD95_ET"]) == 0.0
+        assert f"HD95 {mode}" in capsys.readouterr().out

@@ -239,6 +239,7 @@ def test_cli_passes_inference_options(tmp_path, monkeypatch):
     case_dir = write_case(tmp_path / "data", "S-1")
     assert main(["--checkpoint", str(ckpt), "--input", str(case_dir), "--out", str(tmp_path / "o"), "--tta",
                  "--amp", "--sw-batch-size", "3", "--device", "cpu", "--no-progress"]) == 0
+    assert seen.pop("description").channel_names() == list(MODALITIES)  # BraTS: the checkpoint has no dataset
     assert seen == {"tta": True, "amp": True, "sw_batch_size": 3, "roi_size": [ROI] * 3, "training": False}
 
 

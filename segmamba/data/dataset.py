@@ -7,6 +7,7 @@ epoch boundary draws exactly what an uninterrupted run draws.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -57,7 +58,12 @@ class PatchDataset(Dataset):
         # Copies: the cache is memory-mapped read-only and the transforms write in place.
         data = {"image": np.array(case.image(), dtype=np.float32),
                 "label": np.array(case.label(), dtype=np.int64)[None]}
-        out = self.transform(data)
+        with warnings.catch_warnings():
+            # Data sets labelled everywhere inside the body (brain tissue) have no background voxel
+            # with signal for the negative crops; MONAI then centres every crop on foreground, which
+            # is right, but says so on every sample.
+            warnings.filterwarnings("ignore", message="Num foregrounds .* Num backgrounds 0", category=UserWarning)
+            out = self.transform(data)
         out = out[0] if isinstance(out, list) else out
         # Plain tensors: MONAI's MetaTensor metadata is not needed and slows collation.
         return {"image": convert_to_tensor(out["image"], dtype=torch.float32, track_meta=False).contiguous(),

@@ -1,8 +1,8 @@
-"""Command line of `python -m segmamba.train` and its two presets.
+"""Command line of `python -m segmamba.train` and its presets.
 
-Options left unset take the preset's value: `brats` (with --data) is the SegMamba paper's recipe;
-`synthetic` (no --data) is a small configuration tuned to train on the embedded data set on 2 CPU
-cores in about 10 minutes.
+Options left unset take the preset's value: `brats` (with --data, any layout) is the SegMamba
+paper's recipe; `synthetic` (no --data, --task tumour) and `tissue` (--task tissue) are small
+configurations tuned to train on the embedded data sets on 2 CPU cores in minutes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 from ..data.brats import MODALITIES
+from ..data.plan import SPACING_CHOICES
+from ..data.synth_tissue import TISSUE_DEFAULTS
 
 PRESETS: dict[str, dict] = {
     "brats": dict(model="segmamba", model_args={}, roi=[128, 128, 128], batch_size=2, optimizer="sgd",
@@ -22,14 +24,25 @@ PRESETS: dict[str, dict] = {
                       roi=[32, 32, 32], batch_size=2, optimizer="adamw", lr=3e-3, momentum=0.9,
                       weight_decay=1e-5, loss="dicece", epochs=8, iters_per_epoch=30, val_every=4,
                       clip=12.0, pos_fraction=0.67, workers=1),
+    "tissue": dict(model="segmamba", model_args={"feat_size": [8, 16, 32, 64], "hidden_size": 64,
+                                                       "depths": [1, 1, 1, 1]},
+                   roi=[48, 48, 48], batch_size=2, optimizer="adamw", lr=3e-3, momentum=0.9,
+                   weight_decay=1e-5, loss="dicece", epochs=8, iters_per_epoch=30, val_every=4,
+                   clip=12.0, pos_fraction=0.5, workers=1),
 }
 SYNTH_DEFAULTS = dict(cases=30, spacing=3.0, seed=0)
+# The embedded tasks: preset, generated set (defaults) and where it is generated.
+TASKS: dict[str, dict] = {
+    "tumour": dict(preset="synthetic", synth=SYNTH_DEFAULTS, dir=Path("data/synthetic")),
+    "tissue": dict(preset="tissue", synth=TISSUE_DEFAULTS, dir=Path("data/tissue")),
+}
 
 
 def _preset_table() -> str:
-    rows = [f"  --{k.replace('_', '-'):<16} {PRESETS['brats'][k]!s:<22} {PRESETS['synthetic'][k]!s}"
-            for k in PRESETS["brats"]]
-    return "preset defaults:\n  option             brats (--data)         synthetic (no --data)\n" + "\n".join(rows)
+    rows = [f"  --{k.replace('_', '-'):<16} {PRESETS['brats'][k]!s:<22} {PRESETS['synthetic'][k]!s:<30} "
+            f"{PRESETS['tissue'][k]!s}" for k in PRESETS["brats"]]
+    return ("preset defaults:\n  option             brats (--data)         synthetic (--task tumour)      "
+            "tissue (--task tissue)\n" + "\n".join(rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
                "--batch-size is per process. Outputs in --out: metrics.csv, curves.png, last.pt, best.pt, "
                "split.json, args.json.")
     g = p.add_argument_group("data")
-    g.add_argument("--data", type=Path, help="BraTS2023 folder (one sub-folder per case). Without it: the "
-                   "embedded semi-synthetic set, generated into --synth-dir if not there yet")
-    g.add_argument("--synth-dir", type=Path, default=Path("data/synthetic"),
-                   help="where the semi-synthetic set lives / is generated (default data/synthetic)")
-    g.add_argument("--synth-cases", type=int, default=SYNTH_DEFAULTS["cases"],
-                   help=f"number of semi-synthetic cases (default {SYNTH_DEFAULTS['cases']})")
-    g.add_argument("--synth-spacing", type=float, default=SYNTH_DEFAULTS["spacing"],
-                   help=f"voxel size in mm of the semi-synthetic set (default {SYNTH_DEFAULTS['spacing']})")
-    g.add_argument("--modalities", nargs="+", default=list(MODALITIES),
-                   help=f"input channels in order (default {' '.join(MODALITIES)})")
+    g.add_argument("--data", type=Path, help="data set folder, layout detected: BraTS2023 (one sub-folder per "
+                   "case), nnU-Net v2 raw (dataset.json, imagesTr/, labelsTr/) or a Decathlon task "
+                   "(dataset.json, 4D images). Without it: the embedded set of --task, generated into "
+                   "--synth-dir if not there yet")
+    g.add_argument("--task", choices=list(TASKS),
+                   help="embedded set when there is no --data: tumour (BraTS-like glioma, 4 MRI channels, "
+                        "the default) or tissue (CSF/GM/WM from one T1 channel, nnU-Net layout)")
+    g.add_argument("--synth-dir", type=Path,
+                   help="where the embedded set lives / is generated (default data/synthetic for tumour, "
+                        "data/tissue for tissue)")
+    g.add_argument("--synth-cases", type=int,
+                   help=f"number of embedded cases (default {SYNTH_DEFAULTS['cases']} tumour, "
+                        f"{TISSUE_DEFAULTS['cases']} tissue)")
+    g.add_argument("--synth-spacing", type=float,
+                   help=f"voxel size in mm of the embedded set (default {SYNTH_DEFAULTS['spacing']} tumour, "
+                        f"{TISSUE_DEFAULTS['spacing']} tissue)")
+    g.add_argument("--modalities", nargs="+",
+                   help=f"BraTS folders only: input channels in order (default {' '.join(MODALITIES)})")
+    g.add_argument("--spacing", nargs="+", default=["median"], metavar="MM",
+                   help="target spacing: median (nnU-Net's rule over the training cases; the default), "
+                        "native (no resampling) or 3 numbers in mm")
     g.add_argument("--cache-dir", type=Path, help="preprocessed-array cache (default DATA/.cache)")
     g.add_argument("--split", type=Path, help="split JSON, created if missing (default DATA/split.json)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the 70/10/20 split (default 0)")
@@ -70,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, help="initial learning rate (poly decay, power 0.9, per step)")
     o.add_argument("--momentum", type=float, help="SGD momentum")
     o.add_argument("--weight-decay", type=float, help="weight decay")
-    o.add_argument("--loss", choices=["ce", "dicece"], help="ce: cross-entropy over 4 labels; dicece: + Dice")
+    o.add_argument("--loss", choices=["ce", "dicece"],
+                   help="ce: cross-entropy (softmax over the labels; region-based data sets: binary per region); "
+                        "dicece: + soft Dice")
     o.add_argument("--clip", type=float, help="gradient-norm clipping (0 = off)")
     o.add_argument("--amp", action="store_true", help="bf16 autocast")
     r = p.add_argument_group("run")
@@ -90,7 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    args.preset = "brats" if args.data is not None else "synthetic"
+    if args.data is not None and args.task is not None:
+        p.error("--task: picks an embedded data set; it cannot be combined with --data")
+    args.task = args.task or "tumour"
+    task = TASKS[args.task]
+    args.preset = "brats" if args.data is not None else task["preset"]
+    args.synth_dir = args.synth_dir or task["dir"]
+    args.synth_cases = task["synth"]["cases"] if args.synth_cases is None else args.synth_cases
+    args.synth_spacing = task["synth"]["spacing"] if args.synth_spacing is None else args.synth_spacing
+    args.synth_seed = task["synth"]["seed"]
+    raw = args.spacing
+    if len(raw) == 1 and raw[0] in SPACING_CHOICES:
+        args.spacing = raw[0]
+    else:
+        try:
+            values = [float(v) for v in raw]
+        except ValueError:
+            values = []
+        if len(values) != 3 or min(values) <= 0:
+            p.error(f"--spacing: expected median, native or 3 positive numbers of mm, got {' '.join(raw)}")
+        args.spacing = values
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

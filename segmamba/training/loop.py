@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 
+from ..data.description import Target
 from .distributed import Dist
 
 
@@ -15,15 +16,54 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stops and the last good checkpoint is kept."""
 
 
-def make_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """'ce': cross-entropy over the 4 exclusive labels (public SegMamba code); 'dicece': + soft Dice."""
+def make_loss(name: str, regions: Sequence[Target] = ()) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss on (B, K, ...) logits and (B, 1, ...) integer labels.
+
+    Without `regions`: softmax over exclusive labels. 'ce': cross-entropy (public SegMamba code);
+    'dicece': + soft Dice. With `regions` (region-based data sets, nnU-Net's scheme): one sigmoid
+    per region. 'ce': binary cross-entropy per region; 'dicece': + soft Dice per region.
+    """
+    if name not in ("ce", "dicece"):
+        raise ValueError(f"--loss: expected 'ce' or 'dicece', got {name!r}")
+    if regions:
+        return RegionLoss(regions, dice=name == "dicece")
     if name == "ce":
         ce = torch.nn.CrossEntropyLoss()
         return lambda logits, label: ce(logits, label[:, 0])
-    if name == "dicece":
-        # Softmax over 4 exclusive labels, so DiceCELoss's softmax-CE is the right pairing here.
-        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
-    raise ValueError(f"--loss: expected 'ce' or 'dicece', got {name!r}")
+    # Softmax over exclusive labels, so DiceCELoss's softmax-CE is the right pairing here.
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
+
+
+class RegionLoss(torch.nn.Module):
+    """Binary cross-entropy (+ soft Dice) of one sigmoid output per region against its mask.
+
+    Built from BCEWithLogitsLoss and DiceLoss(sigmoid=True), not DiceCELoss: with more than one
+    channel DiceCELoss takes a softmax cross-entropy even when sigmoid=True, which is wrong for
+    overlapping regions (WT contains TC contains ET).
+    """
+
+    def __init__(self, regions: Sequence[Target], dice: bool):
+        super().__init__()
+        size = max(v for r in regions for v in r.labels) + 1
+        lut = torch.zeros(size, len(regions))
+        for j, r in enumerate(regions):
+            lut[list(r.labels), j] = 1.0
+        self.register_buffer("lut", lut, persistent=False)  # label value -> region memberships
+        self.bce = torch.nn.BCEWithLogitsLoss()
+        self.dice = DiceLoss(sigmoid=True, include_background=True) if dice else None
+
+    def targets(self, label: torch.Tensor) -> torch.Tensor:
+        """(B, 1, ...) labels -> (B, R, ...) float region masks (labels outside every region: 0)."""
+        lab = label[:, 0].long()
+        lut = self.lut.to(lab.device)
+        inside = lab < lut.shape[0]
+        masks = lut[torch.where(inside, lab, 0)] * inside[..., None]
+        return masks.movedim(-1, 1)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        target = self.targets(label)
+        loss = self.bce(logits, target)
+        return loss + self.dice(logits, target) if self.dice is not None else loss
 
 
 def poly_lambda(total_steps: int, power: float = 0.9) -> Callable[[int], float]:
