@@ -3,7 +3,9 @@
 Run: `pytest benchmarks/test_bench_kernels.py --benchmark-only`.
 `extra_info["state_updates_per_s"]` = batch*dim*L*N / mean time (scan), `elements_per_s`
 = batch*dim*L / mean time (conv); the backward-ratio benchmark reports (fwd+bwd) / fwd from
-paired rounds (`ratio_median`). Environment:
+paired rounds (`ratio_median`); the order benchmarks time the CPU scan and conv in each scan order,
+and the cost of an order relative to the forward one from paired rounds (`order_ratio_median`).
+Environment:
   SEGMAMBA_BENCH_QUICK=1  tiny shapes, one round (CI smoke run, seconds)
   SEGMAMBA_BENCH_FULL=1   also the SegMamba stage shapes of a 128^3 crop and bf16 at every L
 The CPU run by default covers L = 16^3, 32^3, 64^3 at dim 96 plus the stages of a 64^3 crop.
@@ -207,6 +209,69 @@ def test_bench_causal_conv1d(benchmark, backend, L, direction):
     _run_bench(benchmark, step, device, _rounds(L), [x, w, b])
     benchmark.extra_info.update(backend=backend, dim=dim, L=L, width=4, direction=direction,
                                 elements_per_s=dim * L / benchmark.stats.stats.mean)
+
+
+# --------------------------------------------------------------------------- scan orders
+
+ORDERS_DIM, ORDERS_L, ORDERS_SLICES = (16, 8**3, 8) if QUICK else (96, 32**3, 32)  # a 64^3 crop's stage 1
+ORDER_WALKS = {"forward": 1, "reverse": 1, "inter_slice": ORDERS_SLICES}
+
+
+def _order_step(op: str, order: str, backward: bool, device: str):
+    """One fp32 call of `op` walking `order` (and its backward), and the leaves it differentiates."""
+    walk = dict(order=order, n_slices=ORDER_WALKS[order], backend="cpu")
+    if op == "selective_scan":
+        x = _scan_inputs(ORDERS_DIM, ORDERS_L, torch.float32, device, backward)
+        call = lambda: selective_scan(**x, delta_softplus=True, **walk)  # noqa: E731
+        leaves = list(x.values())
+    else:
+        g = torch.Generator().manual_seed(0)
+        leaves = [torch.randn(1, ORDERS_DIM, ORDERS_L, generator=g), torch.randn(ORDERS_DIM, 4, generator=g),
+                  torch.randn(ORDERS_DIM, generator=g)]
+        leaves = [t.requires_grad_(backward) for t in leaves]
+        call = lambda: causal_conv1d(*leaves, "silu", **walk)  # noqa: E731
+    dout = torch.randn(1, ORDERS_DIM, ORDERS_L)
+    return (lambda: call().backward(dout)) if backward else call, leaves
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("order", list(ORDER_WALKS))
+@pytest.mark.parametrize("op", ["selective_scan", "causal_conv1d"])
+def test_bench_cpu_orders(benchmark, op, order, direction):
+    """The CPU scan and conv in each scan order: fp32, dim 96, L = 32^3, inter-slice over 32 slices."""
+    device = _device_of("cpu")
+    step, leaves = _order_step(op, order, direction == "fwd+bwd", device)
+    _run_bench(benchmark, step, device, _rounds(ORDERS_L), leaves)
+    benchmark.extra_info.update(backend="cpu", op=op, order=order, n_slices=ORDER_WALKS[order], dim=ORDERS_DIM,
+                                L=ORDERS_L, direction=direction, threads=torch.get_num_threads(),
+                                elements_per_s=ORDERS_DIM * ORDERS_L / benchmark.stats.stats.mean)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("order", ["reverse", "inter_slice"])
+@pytest.mark.parametrize("op", ["selective_scan", "causal_conv1d"])
+def test_bench_cpu_order_ratio(benchmark, op, order, direction):
+    """Time in `order` over time in the forward order, from rounds that time both back to back in
+    alternating order (drift on a shared machine cancels in the per-round ratio)."""
+    device = _device_of("cpu")
+    backward = direction == "fwd+bwd"
+    base, base_leaves = _order_step(op, "forward", backward, device)
+    walked, walked_leaves = _order_step(op, order, backward, device)
+    rounds = 1 if QUICK else 15
+    pairs: list[tuple[float, float]] = []
+
+    def measure():
+        # _paired_times times (first, second) per round, alternating which runs first.
+        pairs.extend(_paired_times(base, walked, rounds, base_leaves + walked_leaves, device))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    ratios = [w / b for b, w in pairs]
+    benchmark.extra_info.update(
+        backend="cpu", op=op, order=order, n_slices=ORDER_WALKS[order], dim=ORDERS_DIM, L=ORDERS_L,
+        direction=direction, threads=torch.get_num_threads(), rounds=rounds,
+        order_ratio_median=statistics.median(ratios), order_ratio_range=(min(ratios), max(ratios)),
+        forward_median_ms=statistics.median(b for b, _ in pairs) * 1e3,
+        order_median_ms=statistics.median(w for _, w in pairs) * 1e3)
 
 
 # --------------------------------------------------------------------------- memory vs L

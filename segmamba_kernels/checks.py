@@ -8,6 +8,7 @@ from torch import Tensor
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ACTIVATIONS = (None, "silu", "swish")
+ORDERS = ("forward", "reverse", "inter_slice")  # scan orders, docs/design.md §3
 
 
 def _tensor(name: str, t: object) -> Tensor:
@@ -109,3 +110,14 @@ def check_causal_conv1d_args(x, weight, bias, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
     _same_device({"x": x, "weight": weight, "bias": bias})
+
+
+def check_order(order: object, n_slices: object, L: int) -> None:
+    """A scan order and slice count for sequences of length L (n_slices matters only for inter_slice,
+    but must divide L whatever the order, so that a bad value is never silently ignored)."""
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    if isinstance(n_slices, bool) or not isinstance(n_slices, (int, torch.SymInt)):
+        raise TypeError(f"n_slices: expected an int, got {type(n_slices).__name__}")
+    if n_slices < 1 or L % n_slices != 0:
+        raise ValueError(f"n_slices: expected a positive divisor of the sequence length L = {L}, got {n_slices}")

@@ -1,24 +1,37 @@
-"""Which backend runs an op: the one place where that is decided.
+"""Which backend runs an op, and how: the one place where that is decided.
 
 Every compiled or Triton backend is a module with four functions sharing one
 contract (inputs already checked, contiguous, B/C as (batch, groups, N, L),
 A/D/delta_bias/weight/bias in the compute dtype, float32 or float64):
 
-    selective_scan_fwd(u, delta, A, B, C, D, z | None, delta_bias, delta_softplus)
+    selective_scan_fwd(u, delta, A, B, C, D, z | None, delta_bias, delta_softplus, *, reverse, slices)
         -> (out in u.dtype, last_state (batch, dim, N) in the compute dtype)
-    selective_scan_bwd(u, delta, A, B, C, D, z | None, delta_bias, delta_softplus, dout)
+    selective_scan_bwd(u, delta, A, B, C, D, z | None, delta_bias, delta_softplus, dout, *,
+                       reverse, slices, deterministic)
         -> (du, ddelta, dA, dB, dC, dD, dz (empty when z is None), ddelta_bias)
-    causal_conv1d_fwd(x, weight, bias, silu) -> out in x.dtype
-    causal_conv1d_bwd(x, weight, bias, silu, dout) -> (dx, dweight, dbias)
+    causal_conv1d_fwd(x, weight, bias, silu, *, reverse, slices) -> out in x.dtype
+    causal_conv1d_bwd(x, weight, bias, silu, dout, *, reverse, slices, deterministic) -> (dx, dweight, dbias)
+
+The keywords are always passed. `reverse: bool` and `slices: int` give the scan order
+(docs/design.md §3; segmamba_kernels.orders.backend_order): scan step t is at position
+T(R(t)) of L, R(t) = L - 1 - t if reverse, T(s) = (s % slices) * (L / slices) + s // slices.
+Inputs and outputs stay in memory order. `deterministic: bool` (deterministic_mode(), decided
+at forward time) asks for gradients bitwise identical over repeated runs; a backend that is
+deterministic always says so with DETERMINISTIC_ALWAYS = True (the CPU backend).
+
+A backend with BATCH_STRIDED_INPUTS = True (the CPU backend) also takes the (batch, ..., L)
+inputs (u, delta, B, C, z, dout; x and dout of the conv) with any batch stride, as long as each
+batch element is contiguous: slices of a larger tensor along dim 1 then need no copy.
 
 A backend may also save states in the forward for its backward (the CPU backend
 does, so that its backward need not re-run the forward recurrence). It then has
 an int attribute SCAN_CHUNK_STATES_STRIDE = S, and its scan functions are
 
-    selective_scan_fwd(..., delta_softplus, save_chunk_states)
+    selective_scan_fwd(..., delta_softplus, save_chunk_states, *, reverse, slices)
         -> (out, last_state, chunk_states: (batch, ceil(L / S), N, dim) in the compute dtype,
-            the state before every S-th step; empty unless save_chunk_states)
-    selective_scan_bwd(..., delta_softplus, dout, chunk_states) -> as above
+            the state before every S-th scan step; empty unless save_chunk_states)
+    selective_scan_bwd(..., delta_softplus, dout, chunk_states, *, reverse, slices, deterministic)
+        -> as above
 
 The `reference` backend is plain PyTorch (segmamba_kernels.reference) and is
 differentiated by autograd directly.
@@ -37,6 +50,7 @@ import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "SEGMAMBA_BACKEND"
+DETERMINISTIC_ENV_VAR = "SEGMAMBA_DETERMINISTIC"
 # Highest first; names follow torch.backends.cpu.get_cpu_capability().
 CPU_ISA_LEVELS = ("avx512", "avx2", "baseline")
 BUILD_HINT = ("build it with `pip install .` (or `pip install --no-build-isolation .` when torch is "
@@ -142,6 +156,13 @@ def scan_chunk_states_stride(name: str) -> int:
     return getattr(get_backend(name), "SCAN_CHUNK_STATES_STRIDE", 0)
 
 
+# Constant while tracing, as resolve_backend.
+@torch.compiler.assume_constant_result
+def accepts_batch_strides(name: str) -> bool:
+    """Whether backend `name` reads (batch, ..., L) inputs with any batch stride (BATCH_STRIDED_INPUTS)."""
+    return name != "reference" and bool(getattr(get_backend(name), "BATCH_STRIDED_INPUTS", False))
+
+
 # torch.compile runs this once while tracing and bakes the answer into the graph: the
 # extension imports and CPU-capability probe inside cannot be traced.
 @torch.compiler.assume_constant_result
@@ -168,6 +189,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise BackendUnavailableError(
             f"backend 'triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}")
     return backend
+
+
+# Like resolve_backend: decided once per forward (baked in while tracing), and handed to the
+# backward as an argument, so that a backward runs in the mode its forward ran in.
+@torch.compiler.assume_constant_result
+def deterministic_mode() -> bool:
+    """Whether backward passes must be bitwise reproducible: on under
+    ``torch.use_deterministic_algorithms(True)`` or with ``SEGMAMBA_DETERMINISTIC=1``."""
+    flag = os.environ.get(DETERMINISTIC_ENV_VAR, "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"{DETERMINISTIC_ENV_VAR}: expected 0 or 1, got {flag!r}")
+    return flag == "1" or torch.are_deterministic_algorithms_enabled()
 
 
 def warn_if_nothing_compiled() -> None:

@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import __version__
-from .dispatch import backend_status, cpu_isa_level, cpu_isa_supported
+from .dispatch import backend_status, cpu_isa_level, cpu_isa_supported, deterministic_mode, get_backend
 
 
 EXTENSION_MODULES = ("_cpu_baseline", "_cpu_avx2", "_cpu_avx512", "_cuda")
@@ -46,6 +46,9 @@ def report() -> str:
         lines.append(f"CUDA device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     else:
         lines.append("CUDA device: none")
+    cpu_always = cpu_isa_level() is not None and getattr(get_backend("cpu"), "DETERMINISTIC_ALWAYS", False)
+    lines.append(f"deterministic backward: {'on' if deterministic_mode() else 'off'} (SEGMAMBA_DETERMINISTIC, "
+                 f"torch.use_deterministic_algorithms){'; the cpu backend is deterministic always' if cpu_always else ''}")
     lines.append("backends:")
     for name, (usable, why) in backend_status().items():
         lines.append(f"  {name:<10} {'usable' if usable else 'unavailable':<12} {why}")

@@ -4,6 +4,7 @@ Readable over fast: a sequential loop over L that follows the math line by line.
 Works for any floating dtype, float64 included; the scan state is kept in
 float32 (float64 when the inputs are float64) as the contract demands.
 Autograd through these functions is the reference for every backend's gradients.
+A scan order is computed as ``from_order(op(to_order(x)))`` (segmamba_kernels.orders).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .checks import check_order
+from .orders import from_order, to_order
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -28,8 +32,19 @@ def selective_scan_ref(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    *,
+    order: str = "forward",
+    n_slices: int = 1,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Selective scan, sequential over L. Shapes as in :func:`segmamba_kernels.selective_scan`."""
+    """Selective scan, sequential over L in scan order ``order``. Shapes as in
+    :func:`segmamba_kernels.selective_scan`; ``last_state`` is the state after the last scan step."""
+    check_order(order, n_slices, u.shape[-1])
+    if order != "forward":
+        along = lambda t: None if t is None else to_order(t, order, n_slices)  # noqa: E731
+        out, h = selective_scan_ref(along(u), along(delta), A, along(B), along(C), D, along(z), delta_bias,
+                                    delta_softplus, True)
+        out = from_order(out, order, n_slices)
+        return (out, h) if return_last_state else out
     out_dtype = u.dtype
     cdt = _compute_dtype(u, delta, A, B, C)
     u, delta, A = u.to(cdt), delta.to(cdt), A.to(cdt)
@@ -69,8 +84,16 @@ def causal_conv1d_ref(
     weight: Tensor,
     bias: Tensor | None = None,
     activation: str | None = None,
+    *,
+    order: str = "forward",
+    n_slices: int = 1,
 ) -> Tensor:
-    """Causal depthwise conv1d: out[:, d, t] = bias[d] + sum_k w[d, k] x[:, d, t-(W-1)+k]."""
+    """Causal depthwise conv1d: out[:, d, t] = bias[d] + sum_k w[d, k] x[:, d, t-(W-1)+k], t the
+    scan step of order ``order``."""
+    check_order(order, n_slices, x.shape[-1])
+    if order != "forward":
+        out = causal_conv1d_ref(to_order(x, order, n_slices), weight, bias, activation)
+        return from_order(out, order, n_slices)
     out_dtype = x.dtype
     cdt = _compute_dtype(x, weight)
     dim, width = weight.shape

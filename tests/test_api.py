@@ -1,7 +1,9 @@
-"""Public API of segmamba_kernels: the reference math, backend choice, argument errors, torch.compile."""
+"""Public API of segmamba_kernels: the reference math, scan orders, backend choice, the
+deterministic mode, argument errors, torch.compile."""
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 
 import segmamba_kernels as sk
 from segmamba_kernels import BackendUnavailableError, causal_conv1d, selective_scan
+from segmamba_kernels import dispatch
 from segmamba_kernels.dispatch import resolve_backend
 
 CPU_BUILT = sk.backend_status()["cpu"][0]
@@ -64,6 +67,45 @@ def test_conv_reference_matches_explicit_sum():
     torch.testing.assert_close(out, expected)
 
 
+def scan_position(t: int, L: int, order: str, n_slices: int) -> int:
+    """docs/design.md §3: scan step t touches memory position T(R(t))."""
+    s = L - 1 - t if order == "reverse" else t
+    S = n_slices if order == "inter_slice" else 1
+    return (s % S) * (L // S) + s // S
+
+
+@pytest.mark.parametrize("order,n_slices", [("forward", 3), ("reverse", 1), ("inter_slice", 3), ("inter_slice", 12)])
+def test_reference_orders_follow_the_design_formula(order, n_slices):
+    """The reference walks the recurrence (and the conv's window) through m(t) = T(R(t)), with
+    inputs and outputs in memory order, and returns the state after the last scan step."""
+    L = 12
+    x = scan_inputs(dim=2, L=L, N=2)
+    out, last = sk.selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                                      True, True, order=order, n_slices=n_slices)
+    w, bias = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    conv = sk.causal_conv1d_ref(x["u"], w, bias, order=order, n_slices=n_slices)
+    dt = F.softplus(x["delta"] + x["delta_bias"][None, :, None])
+    h = torch.zeros(2, 2, 2, dtype=torch.float64)
+    for t in range(L):
+        m = scan_position(t, L, order, n_slices)
+        h = torch.exp(dt[:, :, m, None] * x["A"]) * h + (dt[:, :, m] * x["u"][:, :, m])[..., None] * x["B"][:, None, :, m]
+        y = (h * x["C"][:, None, :, m]).sum(-1) + x["D"] * x["u"][:, :, m]
+        torch.testing.assert_close(out[:, :, m], y * F.silu(x["z"][:, :, m]))
+        taps = [scan_position(t - s, L, order, n_slices) if t - s >= 0 else None for s in range(3)]
+        expected = bias + sum(w[:, 2 - s] * x["u"][:, :, m_s] for s, m_s in enumerate(taps) if m_s is not None)
+        torch.testing.assert_close(conv[:, :, m], expected)
+    torch.testing.assert_close(last, h)
+
+
+def test_orders_permute_and_invert():
+    t = torch.arange(12.0).view(1, 1, 12)
+    for order, n_slices in (("forward", 1), ("reverse", 1), ("inter_slice", 3)):
+        walked = sk.to_order(t, order, n_slices)
+        assert walked.flatten().tolist() == [float(scan_position(i, 12, order, n_slices)) for i in range(12)]
+        assert torch.equal(sk.from_order(walked, order, n_slices), t)
+    assert sk.ORDERS == ("forward", "reverse", "inter_slice")
+
+
 def test_reference_keeps_io_dtype_and_fp32_state():
     x = scan_inputs(dtype=torch.bfloat16)
     x["A"] = x["A"].float()
@@ -100,6 +142,58 @@ def test_missing_backend_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         causal_conv1d(x, w, backend="triton")
+
+
+def test_deterministic_mode_switches(monkeypatch):
+    monkeypatch.delenv("SEGMAMBA_DETERMINISTIC", raising=False)
+    assert not sk.deterministic_mode()
+    monkeypatch.setenv("SEGMAMBA_DETERMINISTIC", "1")
+    assert sk.deterministic_mode()
+    monkeypatch.setenv("SEGMAMBA_DETERMINISTIC", "0")
+    assert not sk.deterministic_mode()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert sk.deterministic_mode()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    monkeypatch.setenv("SEGMAMBA_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="SEGMAMBA_DETERMINISTIC: expected 0 or 1, got 'yes'"):
+        sk.deterministic_mode()
+
+
+@pytest.mark.skipif(not CPU_BUILT, reason="needs a compiled backend to wrap")
+@pytest.mark.parametrize("order,n_slices,reverse,slices", [("forward", 2, False, 1), ("reverse", 1, True, 1),
+                                                           ("inter_slice", 2, False, 2)])
+def test_backends_get_the_order_and_the_forwards_deterministic_mode(monkeypatch, order, n_slices, reverse, slices):
+    """ops.py hands every backend function `reverse` and `slices`, and both backward functions the
+    `deterministic` flag decided when the forward ran (switching the mode between forward and
+    backward changes nothing), all by keyword."""
+    real = dispatch.get_backend("cpu")
+    calls = []
+
+    def spy(name):
+        def call(*args, **kwargs):
+            calls.append((name, kwargs))
+            return getattr(real, name)(*args, **kwargs)
+        return call
+
+    fake = types.SimpleNamespace(SCAN_CHUNK_STATES_STRIDE=real.SCAN_CHUNK_STATES_STRIDE,
+                                 **{n: spy(n) for n in ("selective_scan_fwd", "selective_scan_bwd",
+                                                        "causal_conv1d_fwd", "causal_conv1d_bwd")})
+    monkeypatch.setattr(dispatch, "_cpu_module", lambda: (fake, "spy", ""))
+    x = {k: v.requires_grad_() for k, v in scan_inputs(L=8).items()}
+    monkeypatch.setenv("SEGMAMBA_DETERMINISTIC", "1")
+    out = selective_scan(**x, delta_softplus=True, order=order, n_slices=n_slices, backend="cpu")
+    conv = causal_conv1d(x["u"], torch.randn(4, 3, dtype=torch.float64), order=order, n_slices=n_slices,
+                         backend="cpu")
+    monkeypatch.setenv("SEGMAMBA_DETERMINISTIC", "0")
+    (out.sum() + conv.sum()).backward()
+    by_name = {name: kwargs for name, kwargs in calls}
+    assert set(by_name) == {"selective_scan_fwd", "selective_scan_bwd", "causal_conv1d_fwd", "causal_conv1d_bwd"}
+    for name, kwargs in by_name.items():
+        expected = dict(reverse=reverse, slices=slices, **({"deterministic": True} if name.endswith("bwd") else {}))
+        assert kwargs == expected, name
 
 
 @pytest.mark.skipif(CPU_BUILT, reason="the cpu backend is built here")
@@ -152,6 +246,24 @@ def test_conv_argument_errors(args, match):
         causal_conv1d(*args)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(order="sideways"), ValueError, r"order: expected one of \('forward', 'reverse', 'inter_slice'\), got 'sideways'"),
+    (dict(order="inter_slice", n_slices=5), ValueError, r"n_slices: expected a positive divisor of the sequence length "
+                                                       r"L = 12, got 5"),
+    (dict(order="forward", n_slices=0), ValueError, r"n_slices: expected a positive divisor .* got 0"),
+    (dict(order="reverse", n_slices=-3), ValueError, r"n_slices: expected a positive divisor .* got -3"),
+    (dict(order="inter_slice", n_slices=2.0), TypeError, r"n_slices: expected an int, got float"),
+    (dict(order="inter_slice", n_slices=True), TypeError, r"n_slices: expected an int, got bool"),
+])
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if CPU_BUILT else []))
+def test_order_argument_errors(backend, kwargs, error, match):
+    x = scan_inputs(L=12)
+    with pytest.raises(error, match=match):
+        selective_scan(**x, backend=backend, **kwargs)
+    with pytest.raises(error, match=match):
+        causal_conv1d(x["u"], torch.randn(4, 3, dtype=torch.float64), backend=backend, **kwargs)
+
+
 @pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if CPU_BUILT else []))
 def test_non_contiguous_inputs_are_handled(backend):
     x = scan_inputs(L=9)
@@ -166,22 +278,24 @@ def test_non_contiguous_inputs_are_handled(backend):
 
 # --------------------------------------------------------------------------- torch.compile
 
-def _block(x, w, cb, dt, A, B, C, D):
-    u = causal_conv1d(x, w, cb, activation="silu")
-    return selective_scan(u, dt, A, B, C, D, z=x, delta_softplus=True)
+def _block(x, w, cb, dt, A, B, C, D, order="forward", n_slices=1):
+    u = causal_conv1d(x, w, cb, activation="silu", order=order, n_slices=n_slices)
+    return selective_scan(u, dt, A, B, C, D, z=x, delta_softplus=True, order=order, n_slices=n_slices)
 
 
+@pytest.mark.parametrize("order", ["forward", "inter_slice"])
 @pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if CPU_BUILT else []))
-def test_torch_compile_fullgraph_forward_and_backward(backend, monkeypatch):
+def test_torch_compile_fullgraph_forward_and_backward(backend, order, monkeypatch):
     monkeypatch.setenv("SEGMAMBA_BACKEND", backend)
     torch._dynamo.reset()
     batch, dim, L, N = 1, 4, 6, 2
     args = [torch.randn(batch, dim, L), torch.randn(dim, 4), torch.randn(dim), torch.randn(batch, dim, L),
             -torch.rand(dim, N), torch.randn(batch, N, L), torch.randn(batch, N, L), torch.randn(dim)]
     args = [a.requires_grad_() for a in args]
-    eager = _block(*args)
+    block = lambda *a: _block(*a, order=order, n_slices=3)  # noqa: E731
+    eager = block(*args)
     eager_grads = torch.autograd.grad(eager.square().sum(), args)
-    compiled = torch.compile(_block, fullgraph=True, backend="aot_eager")(*args)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*args)
     compiled_grads = torch.autograd.grad(compiled.square().sum(), args)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(compiled_grads, eager_grads):

@@ -4,10 +4,14 @@ Backends that cannot run here are skipped with the reason from `backend_status()
 Triton backend runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py), so its
 shapes stay tiny; `cuda` needs a GPU. Where a backend computes in float64 (cpu) it is held
 to ~1e-10 of a float64 reference; otherwise float32 is compared with a float64 reference.
+Scan orders (docs/design.md §3) are compared with the reference walking the same order; a
+backend that does not implement an order or the deterministic mode yet raises
+NotImplementedError, and its test is then reported as an expected failure (xfail) saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 
@@ -40,6 +44,25 @@ def backend(request) -> str:
 def _tiny(backend: str) -> bool:
     # The Triton interpreter runs a kernel instance in Python: keep its problems tiny.
     return backend == "triton" and not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _unless_not_implemented(backend: str):
+    """Runs the body; a backend's NotImplementedError (a feature it does not have yet) becomes an xfail."""
+    try:
+        yield
+    except NotImplementedError as e:
+        pytest.xfail(f"{backend} does not implement this yet: {e}")
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def assert_close_scaled(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
@@ -115,14 +138,18 @@ def run_scan_with_grads(fn, inputs: dict, opts: dict, dout: torch.Tensor, device
     return out, last, grads
 
 
-def check_scan(backend: str, case: ScanCase, opts: dict, dtype: torch.dtype, ref_dtype: torch.dtype, tol: float):
+def check_scan(backend: str, case: ScanCase, opts: dict, dtype: torch.dtype, ref_dtype: torch.dtype, tol: float,
+               order: str = "forward", n_slices: int = 1):
     device = _require(backend)
     x = make_scan_inputs(case, opts, dtype)
     dout = torch.randn(case.batch, case.dim, case.L, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out, last, grads = run_scan_with_grads(selective_scan, x, opts, dout.to(dtype), device, backend=backend)
-    # The reference sees the same (already rounded) values, in ref_dtype.
+    walk = dict(order=order, n_slices=n_slices)
+    with _unless_not_implemented(backend):
+        out, last, grads = run_scan_with_grads(selective_scan, x, opts, dout.to(dtype), device, backend=backend, **walk)
+    # The reference sees the same (already rounded) values, in ref_dtype, and walks the same order.
     xr = {k: (v.to(ref_dtype) if v is not None else None) for k, v in x.items()}
-    ref, ref_last, ref_grads = run_scan_with_grads(selective_scan_ref, xr, opts, dout.to(dtype).to(ref_dtype), "cpu")
+    ref, ref_last, ref_grads = run_scan_with_grads(selective_scan_ref, xr, opts, dout.to(dtype).to(ref_dtype), "cpu",
+                                                   **walk)
     assert out.dtype == dtype and out.device.type == device.type
     assert_close_scaled(out, ref, tol, "out")
     if opts["last"]:
@@ -168,8 +195,93 @@ def test_scan_non_contiguous_inputs(backend):
     want, want_last, want_g = run_scan_with_grads(selective_scan, x, OPTIONS[0], dout, device, backend=backend)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_last, want_last, rtol=0, atol=0)
+    # Gradients summed over channels or time (dA, dB, dC, dD, ddelta_bias) may be added in another
+    # order on a second run outside the deterministic mode (GPU atomics): equal up to rounding.
     for k in want_g:
-        torch.testing.assert_close(got_g[k], want_g[k], rtol=0, atol=0)
+        assert_close_scaled(got_g[k], want_g[k], 1e-5, f"d{k}")
+
+
+def test_batch_strided_inputs(backend):
+    """Slices along dim 1 of larger tensors (the Mamba layer's x / z halves of xz, B / C of the
+    x_proj output): the same results as contiguous copies; a backend with BATCH_STRIDED_INPUTS
+    (cpu) reads them in place, without a copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    device = _require(backend)
+    batch, dim, L, N = 2, (4 if _tiny(backend) else 19), (17 if _tiny(backend) else 150), 4
+    g = torch.Generator().manual_seed(0)
+    xz = torch.randn(batch, 2 * dim, L, generator=g).to(device)
+    proj = torch.randn(batch, 3 + 2 * N, L, generator=g).to(device)
+    u, z, B, C = xz[:, :dim], xz[:, dim:], proj[:, 3:3 + N], proj[:, 3 + N:]
+    delta = (0.3 * torch.randn(batch, dim, L, generator=g)).to(device)
+    A = -torch.rand(dim, N, generator=g).to(device)
+    w = torch.randn(dim, 4, generator=g).to(device)
+    assert not (u.is_contiguous() or z.is_contiguous() or B.is_contiguous())
+
+    def run(u, z, B, C, x):
+        with Ops() as ops:
+            out = selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, backend=backend, order="inter_slice",
+                                 n_slices=L if _tiny(backend) else 10)
+            y = causal_conv1d(x, w, activation="silu", backend=backend, order="reverse")
+        return out, y, ops.seen
+
+    with _unless_not_implemented(backend):
+        out, y, seen = run(u, z, B, C, u)
+        want_out, want_y, _ = run(u.contiguous(), z.contiguous(), B.contiguous(), C.contiguous(), u.contiguous())
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+    if getattr(dispatch.get_backend(backend), "BATCH_STRIDED_INPUTS", False):
+        copies = [op for op in seen if "clone" in op or "copy" in op or "contiguous" in op]
+        assert not copies, copies
+
+
+@contextlib.contextmanager
+def _deterministic(switch: str, monkeypatch):
+    """The deterministic mode (docs/design.md §3), switched on one of its two ways."""
+    if switch == "SEGMAMBA_DETERMINISTIC":
+        monkeypatch.setenv("SEGMAMBA_DETERMINISTIC", "1")
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("switch", ["torch.use_deterministic_algorithms", "SEGMAMBA_DETERMINISTIC"])
+def test_deterministic_mode_gradients_are_bitwise_reproducible(backend, switch, monkeypatch):
+    """Issue 17: with the deterministic mode on, every gradient is the same bit for bit over runs
+    (on a GPU, sums over many blocks would otherwise depend on their schedule)."""
+    device = _require(backend)
+    assert not sk.deterministic_mode()
+    case = ScanCase(1, 4, 24, 4, None) if _tiny(backend) else ScanCase(2, 100, 300, 16, None)
+    x = make_scan_inputs(case, OPTIONS[0], torch.float32)
+    dout = torch.randn(case.batch, case.dim, case.L)
+    conv_args = make_conv_inputs(case.batch, case.dim, case.L, 4, True, torch.float32)
+
+    def run() -> dict:
+        _, _, grads = run_scan_with_grads(selective_scan, x, OPTIONS[0], dout, device, backend=backend)
+        leaves = [t.to(device).requires_grad_() for t in conv_args]
+        causal_conv1d(*leaves, "silu", backend=backend).backward(dout.to(device))
+        return {**grads, **{f"conv d{k}": t.grad for k, t in zip(("x", "weight", "bias"), leaves)}}
+
+    with _deterministic(switch, monkeypatch):
+        assert sk.deterministic_mode()
+        with _unless_not_implemented(backend):
+            first, second = run(), run()
+    for k in first:
+        assert torch.equal(first[k], second[k]), f"{k}: differs between two runs in the deterministic mode"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -221,6 +333,45 @@ def test_scan_gradcheck_cpu():
         assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
+# --------------------------------------------------------------------------- scan orders
+
+# (L, order, n_slices): L = 1; odd L; several chunks, not a multiple of any; inter-slice with S = 1
+# and S = L (both the identity order), S below every SIMD width over several staged batches (the
+# CPU stages inter-slice batches of whole columns), S = 16 over two batches (in-register W x W
+# block copies at every width), S = 20 (blocks plus leftover slices, a partial last batch).
+CPU_ORDER_CASES = [(1, "reverse", 1), (1, "inter_slice", 1), (37, "reverse", 1), (150, "reverse", 1),
+                   (150, "inter_slice", 1), (150, "inter_slice", 150), (150, "inter_slice", 3),
+                   (640, "inter_slice", 16), (720, "inter_slice", 20)]
+TINY_ORDER_CASES = [(1, "reverse", 1), (17, "reverse", 1), (24, "inter_slice", 4), (24, "inter_slice", 24)]
+
+
+def _order_id(c: tuple) -> str:
+    return f"L{c[0]}-{c[1]}" + (f"-S{c[2]}" if c[1] == "inter_slice" else "")
+
+
+@pytest.mark.parametrize("case_index", range(len(CPU_ORDER_CASES)))
+def test_scan_orders_match_reference(backend, case_index):
+    cases = TINY_ORDER_CASES if _tiny(backend) else CPU_ORDER_CASES
+    if case_index >= len(cases):
+        pytest.skip("fewer shapes for this backend")
+    L, order, n_slices = cases[case_index]
+    shape = ScanCase(1, 5, L, 4, None) if _tiny(backend) else ScanCase(2, 22, L, 16, 2)
+    dtype, tol = (torch.float64, 1e-10) if backend in FLOAT64_BACKENDS else (torch.float32, 2e-4)
+    check_scan(backend, shape, OPTIONS[0], dtype, torch.float64, tol, order=order, n_slices=n_slices)
+    if case_index in (3, 7):
+        check_scan(backend, shape, OPTIONS[1], dtype, torch.float64, tol, order=order, n_slices=n_slices)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("order,n_slices", [("reverse", 1), ("inter_slice", 16)], ids=["reverse", "inter_slice"])
+def test_scan_orders_low_precision(backend, order, n_slices, dtype, tol):
+    # 320 = 16 slices x 20: W x W blocks and leftover columns at every width.
+    case = ScanCase(1, 5, 32, 4, None) if _tiny(backend) else ScanCase(2, 38, 320, 16, 2)
+    check_scan(backend, case, OPTIONS[0], dtype, torch.float64, tol, order=order,
+               n_slices=min(n_slices, case.L // 8))
+
+
 # --------------------------------------------------------------------------- causal conv1d
 
 def make_conv_inputs(batch, dim, L, width, with_bias, dtype, seed=0):
@@ -232,10 +383,11 @@ def make_conv_inputs(batch, dim, L, width, with_bias, dtype, seed=0):
     return x, w, b
 
 
-def check_conv(backend, batch, dim, L, width, with_bias, act, dtype, tol):
+def check_conv(backend, batch, dim, L, width, with_bias, act, dtype, tol, order="forward", n_slices=1):
     device = _require(backend)
     x, w, b = make_conv_inputs(batch, dim, L, width, with_bias, dtype)
     dout = torch.randn(batch, dim, L, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    walk = dict(order=order, n_slices=n_slices)
 
     def run(fn, args, dev, **kw):
         leaves = [a.detach().to(dev).requires_grad_() if a is not None else None for a in args]
@@ -243,8 +395,10 @@ def check_conv(backend, batch, dim, L, width, with_bias, act, dtype, tol):
         out.backward(dout.to(device=dev, dtype=out.dtype))
         return out, [a.grad if a is not None else None for a in leaves]
 
-    out, grads = run(causal_conv1d, (x, w, b), device, backend=backend)
-    ref, ref_grads = run(causal_conv1d_ref, tuple(a.double() if a is not None else None for a in (x, w, b)), "cpu")
+    with _unless_not_implemented(backend):
+        out, grads = run(causal_conv1d, (x, w, b), device, backend=backend, **walk)
+    ref, ref_grads = run(causal_conv1d_ref, tuple(a.double() if a is not None else None for a in (x, w, b)), "cpu",
+                         **walk)
     assert out.dtype == dtype
     assert_close_scaled(out, ref, tol, "out")
     for name, g_, r_ in zip(("x", "weight", "bias"), grads, ref_grads):
@@ -267,6 +421,36 @@ def test_conv_matches_reference(backend, width, with_bias, act):
 def test_conv_low_precision(backend, dtype, tol):
     L = 29 if _tiny(backend) else 300
     check_conv(backend, 2, 6, L, 4, True, "silu", dtype, tol)
+
+
+# The CPU conv walks a row's (S, L / S) grid in chunks of whole columns, at least 1024 (4096 / S):
+# S = 3 and S = 2 over two chunks (the taps reach 1 and 2 columns back, wrapping to the last
+# slice), a forward-order row over two 4096-step chunks backwards, S = L, S = 1.
+CPU_CONV_ORDER_CASES = [(1, "reverse", 1), (37, "reverse", 1), (4096 + 61, "reverse", 1), (150, "inter_slice", 1),
+                        (150, "inter_slice", 150), (150, "inter_slice", 5), (4500, "inter_slice", 3),
+                        (4500, "inter_slice", 2), (64 * 40, "inter_slice", 64)]
+TINY_CONV_ORDER_CASES = [(1, "reverse", 1), (37, "reverse", 1), (36, "inter_slice", 4), (36, "inter_slice", 2)]
+
+
+@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("case_index", range(len(CPU_CONV_ORDER_CASES)))
+def test_conv_orders_match_reference(backend, case_index, width):
+    cases = TINY_CONV_ORDER_CASES if _tiny(backend) else CPU_CONV_ORDER_CASES
+    if case_index >= len(cases):
+        pytest.skip("fewer shapes for this backend")
+    L, order, n_slices = cases[case_index]
+    dtype, tol = (torch.float64, 1e-12) if backend in FLOAT64_BACKENDS else (torch.float32, 1e-5)
+    check_conv(backend, 2, 3, L, width, True, "silu", dtype, tol, order=order, n_slices=n_slices)
+    if case_index == 6:
+        check_conv(backend, 2, 3, L, 3, False, None, dtype, tol, order=order, n_slices=n_slices)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("order,n_slices", [("reverse", 1), ("inter_slice", 6)], ids=["reverse", "inter_slice"])
+def test_conv_orders_low_precision(backend, order, n_slices, dtype, tol):
+    check_conv(backend, 2, 6, 30 if _tiny(backend) else 300, 4, True, "silu", dtype, tol, order=order,
+               n_slices=n_slices)
 
 
 def test_conv_non_contiguous_input(backend):
@@ -315,23 +499,64 @@ def test_cpu_isa_level_matches_reference(cpu_level):
     check_conv("cpu", 2, 19, 150, 4, True, "silu", torch.float64, 1e-12)
 
 
-@pytest.mark.parametrize("case", [ScanCase(1, 40, 300, 16, None), ScanCase(2, 40, 300, 16, None),
-                                  ScanCase(1, 40, 320, 16, None)], ids=str)
-def test_cpu_scan_split_over_threads(case):
-    """Fewer (batch, group) pairs than threads: the CPU backward splits a group's channels over
-    threads and adds their dB / dC sums; with 3 threads the ranges are uneven and one crosses
-    from one batch element to the next. L = 320 keeps every dB / dC row aligned to a line (the
-    parts' own rows start on one too), so every part's sums take the non-temporal store path, and
-    other threads read them back; L = 300 takes the ordinary stores."""
+@pytest.mark.parametrize("order,n_slices", [("reverse", 1), ("inter_slice", 16)], ids=["reverse", "inter_slice"])
+def test_cpu_isa_level_orders_match_reference(cpu_level, order, n_slices):
+    # 320 = 16 slices x 20 columns: W x W block copies and leftover columns at every width.
+    case = ScanCase(2, 19, 320, 16, None)
+    walk = dict(order=order, n_slices=n_slices)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
+        check_scan("cpu", case, OPTIONS[0], dtype, torch.float64, tol, **walk)
+    check_conv("cpu", 2, 19, 320, 4, True, "silu", torch.float64, 1e-12, **walk)
+
+
+ORDER_WALKS = [("forward", 1), ("reverse", 1), ("inter_slice", 20)]
+
+
+@pytest.mark.parametrize("order,n_slices", ORDER_WALKS, ids=[o for o, _ in ORDER_WALKS])
+@pytest.mark.parametrize("threads,L", [(1, 320), (2, 320), (3, 320), (3, 300)])
+def test_cpu_orders_over_threads(threads, L, order, n_slices):
+    """dim 100: the CPU backward splits each (batch, group)'s channels into two parts and adds
+    their dB / dC sums; batch 2 gives four parts for 1, 2 or 3 threads (with 3, one thread takes
+    two parts, of different pairs). L = 320 keeps every dB / dC row aligned to a line (the parts'
+    own rows start on one too), so the parts' sums take the non-temporal store path, and other
+    threads read them back; L = 300 takes the ordinary stores."""
     _require("cpu")
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        check_scan("cpu", case, OPTIONS[0], torch.float64, torch.float64, 1e-10)
-        check_scan("cpu", case, OPTIONS[1], torch.float64, torch.float64, 1e-10)
-        check_scan("cpu", case, OPTIONS[0], torch.bfloat16, torch.float64, 3e-2)
-    finally:
-        torch.set_num_threads(before)
+    case = ScanCase(2, 100, L, 16, None)
+    with _threads(threads):
+        check_scan("cpu", case, OPTIONS[0], torch.float64, torch.float64, 1e-10, order=order, n_slices=n_slices)
+        check_scan("cpu", case, OPTIONS[0], torch.bfloat16, torch.float64, 3e-2, order=order, n_slices=n_slices)
+        check_conv("cpu", 2, 7, L, 4, True, "silu", torch.float64, 1e-12, order=order, n_slices=n_slices)
+
+
+@pytest.mark.parametrize("order,n_slices", ORDER_WALKS, ids=[o for o, _ in ORDER_WALKS])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cpu_backward_bitwise_identical_over_threads(batch, order, n_slices):
+    """The CPU backend is deterministic always (docs/design.md §3): the same gradients, bit for
+    bit, over repeated runs and 1, 2 or 3 threads. dim 100 splits the channels of each
+    (batch, group) into two parts whose dB / dC sums are added; with one pair (batch 1) and two
+    threads the parts run on different threads."""
+    _require("cpu")
+    case = ScanCase(batch, 100, 320, 16, None)
+    x = make_scan_inputs(case, OPTIONS[0], torch.float32)
+    dout = torch.randn(case.batch, case.dim, case.L)
+    conv_args = make_conv_inputs(batch, 24, case.L, 4, True, torch.float32)
+    walk = dict(order=order, n_slices=n_slices)
+
+    def run() -> dict:
+        _, _, grads = run_scan_with_grads(selective_scan, x, OPTIONS[0], dout, "cpu", backend="cpu", **walk)
+        leaves = [t.clone().requires_grad_() for t in conv_args]
+        causal_conv1d(*leaves, "silu", backend="cpu", **walk).backward(dout[:, :24])
+        return {**grads, **{f"conv d{k}": t.grad for k, t in zip(("x", "weight", "bias"), leaves)}}
+
+    runs = {}
+    for threads in (1, 1, 2, 3):
+        with _threads(threads):
+            runs.setdefault(threads, []).append(run())
+    first = runs[1][0]
+    for threads, results in runs.items():
+        for result in results:
+            for k in first:
+                assert torch.equal(result[k], first[k]), f"d{k} with {threads} thread(s) differs from 1 thread"
 
 
 @pytest.mark.parametrize("case,dtype,opts,tol", [
@@ -346,3 +571,12 @@ def test_cpu_scan_staged_rows(cpu_level, case, dtype, opts, tol):
     row_bytes = cpu_level.info()["scan_staged_row_bytes"]
     assert case.L * dtype.itemsize % row_bytes == 0, "the case no longer takes the staged path"
     check_scan("cpu", case, opts, dtype, torch.float64, tol)
+
+
+def test_cpu_scan_staged_rows_reverse():
+    """The same staged copies for the reverse order: batches walked forwards in memory, each copied
+    in scan order (reversed)."""
+    _require("cpu")
+    case = ScanCase(1, 19, 4096, 2, None)
+    assert case.L * 8 % dispatch.get_backend("cpu").info()["scan_staged_row_bytes"] == 0
+    check_scan("cpu", case, OPTIONS[0], torch.float64, torch.float64, 1e-10, order="reverse")

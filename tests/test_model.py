@@ -1,6 +1,7 @@
 """SegMamba model (segmamba.models): token orders, tri-orientated Mamba against a slow
 per-direction implementation, the recomputing op, backends, autocast, compile, registry."""
 
+import copy
 import json
 import math
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 import segmamba_kernels as sk
 from segmamba.models import (MODEL_NAMES, MambaLayer, SegMamba, TriOrientedMamba, build_model, min_multiple,
                              model_config, roi_size_error)
+import segmamba.models.mamba as mamba_module
 from segmamba.models.orders import ORDERS, from_order, to_order
 from segmamba.models.ssm_path import direction_path, ssm_direction
 
@@ -56,7 +58,7 @@ def test_orders_reject_bad_arguments():
     t = torch.randn(1, 2, 12)
     with pytest.raises(ValueError, match="order: expected one of"):
         to_order(t, "sideways", 3)
-    with pytest.raises(ValueError, match="n_slices: expected a positive divisor of the token count 12, got 5"):
+    with pytest.raises(ValueError, match="n_slices: expected a positive divisor of the sequence length L = 12, got 5"):
         from_order(t, "inter_slice", 5)
 
 
@@ -138,6 +140,58 @@ def test_recomputing_op_computes_only_requested_gradients():
     (gx,) = torch.autograd.grad(out.sum(), args[0])
     (gx_plain,) = torch.autograd.grad(direction_path(*args, "reverse", 1, "reference").sum(), args[0])
     torch.testing.assert_close(gx, gx_plain, rtol=1e-12, atol=1e-12)
+
+
+def test_recompute_under_autocast_matches_plain_autograd(monkeypatch):
+    """Issue 17: the recomputing op redoes its forward in the backward under the autocast state the
+    forward ran in, so a MambaLayer's gradients under bf16 autocast are those of plain autograd
+    through direction_path (nothing recomputed) under the same autocast. (Recomputed outside
+    autocast, the conv and the projections ran in float32 instead: relative errors 1e-3 to 1e-2.)"""
+    torch.manual_seed(0)
+    layer = MambaLayer(16, backend="reference")
+    plain_layer = copy.deepcopy(layer)
+    x = torch.randn(1, 16, 4, 4, 4)
+
+    def grads(model: torch.nn.Module) -> dict:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(xi)
+        out.float().square().sum().backward()
+        return {"x": xi.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+    recomputed = grads(layer)
+    monkeypatch.setattr(mamba_module, "ssm_direction", direction_path)
+    plain = grads(plain_layer)
+    for name, g in plain.items():
+        assert g.abs().max() > 0, name
+        assert rel_err(recomputed[name], g) < 1e-5, (name, rel_err(recomputed[name], g))
+
+
+@needs_cpu
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("order", ORDERS)
+def test_direction_path_makes_no_layout_copy(order, batch):
+    """The conv and the scan walk the order themselves, the projections write their outputs in
+    their layout, and the cpu backend reads the x and z halves of xz (and B, C) where they are,
+    whatever their batch stride: a direction's forward and backward run no flip, permute copy,
+    clone or contiguous copy (autograd still assembles the gradients of the halves)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    args = direction_args(batch=batch, L=24)
+    with Ops() as ops:
+        y = direction_path(*args, order, 3, "cpu")
+        torch.autograd.grad(y, args, torch.randn_like(y))
+    copies = [op for op in ops.seen if any(k in op for k in ("flip", "clone", "copy", "contiguous", "permute"))]
+    assert "segmamba.selective_scan_bwd.default" in ops.seen and not copies, copies
 
 
 def saved_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
@@ -298,6 +352,7 @@ def test_torch_compile_fullgraph_model_cpu_backend():
 
 TINY_BASELINES = {
     "segmamba": dict(feat_size=(4, 8, 8, 16), depths=(1, 1, 1, 1), hidden_size=16),
+    "segmamba_nomamba": dict(feat_size=(4, 8, 8, 16), hidden_size=16),
     "unetr": dict(feature_size=8, hidden_size=48, mlp_dim=96, num_heads=2),
     "swinunetr": dict(feature_size=12, depths=(1, 1, 1, 1)),
     "swinunetr_v2": dict(feature_size=12, depths=(1, 1, 1, 1)),
@@ -321,12 +376,12 @@ def test_registry_builds_runs_and_rebuilds_from_config(name):
 
 
 def test_registry_defaults_and_errors():
-    assert MODEL_NAMES == ("segmamba", "unetr", "swinunetr", "swinunetr_v2", "segresnet", "mednext")
+    assert MODEL_NAMES == ("segmamba", "segmamba_nomamba", "unetr", "swinunetr", "swinunetr_v2", "segresnet", "mednext")
     assert sum(p.numel() for p in build_model("segmamba").parameters()) == 67_416_196
     assert model_config("swinunetr")["feature_size"] == 48
     assert model_config("swinunetr_v2")["use_v2"] is True
     assert model_config("unetr", roi_size=(64, 96, 64))["roi_size"] == [64, 96, 64]
-    assert [min_multiple(n) for n in MODEL_NAMES] == [16, 16, 32, 32, 8, 16]
+    assert [min_multiple(n) for n in MODEL_NAMES] == [16, 16, 16, 32, 32, 8, 16]
     assert "multiples of 32" in roi_size_error("swinunetr", 48)
     assert "more than one voxel at its deepest stage" in roi_size_error("swinunetr", 32)
     assert "more than one voxel" in roi_size_error("segmamba", (16, 16, 16))

@@ -297,6 +297,15 @@ SM_INLINE void transpose(vec_t<T>* r) {
   }
 }
 
+template <class T, int... I>
+SM_INLINE vec_t<T> reverse_lanes(vec_t<T> v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, (V<T>::W - 1 - I)...);
+}
+
+// The lanes of v in reverse order (one permute).
+template <class T>
+SM_INLINE vec_t<T> reverse(vec_t<T> v) { return reverse_lanes<T>(v, std::make_integer_sequence<int, V<T>::W>{}); }
+
 template <class T>
 SM_INLINE T reduce_lanes(vec_t<T> v) {
   T s = 0;

@@ -8,7 +8,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
 
 from .gsc import GSC
-from .mamba import MambaLayer, check_backend
+from .mamba import MambaLayer, check_backend, check_dt_init
 
 # Stem stride 2 and three stride-2 downsamplers: input sides must be multiples of 16.
 SIZE_MULTIPLE = 16
@@ -26,7 +26,7 @@ class MambaEncoder(nn.Module):
     """Stem + 3 downsamplers; each stage runs GSC then ``depths[i]`` Mamba layers."""
 
     def __init__(self, in_chans: int, depths: Sequence[int], feat_size: Sequence[int], d_state: int,
-                 d_conv: int, expand: int, backend: str) -> None:
+                 d_conv: int, expand: int, backend: str, dt_init: str = "all") -> None:
         super().__init__()
         self.downsample = nn.ModuleList([nn.Conv3d(in_chans, feat_size[0], kernel_size=7, stride=2, padding=3)])
         self.downsample.extend(
@@ -34,7 +34,7 @@ class MambaEncoder(nn.Module):
             for c_in, c_out in zip(feat_size[:-1], feat_size[1:]))
         self.gscs = nn.ModuleList(GSC(c) for c in feat_size)
         self.stages = nn.ModuleList(
-            nn.Sequential(*(MambaLayer(c, d_state, d_conv, expand, backend) for _ in range(depth)))
+            nn.Sequential(*(MambaLayer(c, d_state, d_conv, expand, backend, dt_init) for _ in range(depth)))
             for c, depth in zip(feat_size, depths))
         self.outputs = nn.ModuleList(StageOutput(c) for c in feat_size)
 
@@ -60,6 +60,9 @@ class SegMamba(nn.Module):
     stage must have more than one voxel), any size otherwise: the inter-slice scan follows the
     actual depth. Output logits (batch, out_chans, D, H, W).
     ``backend`` is passed to every kernel call ("auto", "reference", "cpu", "cuda", "triton").
+    ``dt_init``: "all" gives every scan direction Mamba's dt initialisation; "forward_only" gives
+    it to the forward direction only, as the public SegMamba code does (the others keep
+    nn.Linear's default init of dt_proj).
     """
 
     def __init__(
@@ -75,11 +78,13 @@ class SegMamba(nn.Module):
         norm_name: str | tuple = "instance",
         res_block: bool = True,
         backend: str = "auto",
+        dt_init: str = "all",
     ) -> None:
         super().__init__()
         depths, feat_size = _check_len4("depths", depths), _check_len4("feat_size", feat_size)
         self.in_chans, self.out_chans = in_chans, out_chans
-        self.encoder = MambaEncoder(in_chans, depths, feat_size, d_state, d_conv, expand, check_backend(backend))
+        self.encoder = MambaEncoder(in_chans, depths, feat_size, d_state, d_conv, expand, check_backend(backend),
+                                    check_dt_init(dt_init))
 
         def basic(c_in: int, c_out: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(3, c_in, c_out, kernel_size=3, stride=1, norm_name=norm_name, res_block=res_block)
