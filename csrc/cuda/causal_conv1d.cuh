@@ -1,6 +1,10 @@
 // Causal depthwise conv1d, forward and backward. One block per (row, tile of
 // kConvThreads * kN steps); each thread loads one 16-byte vector. The kMaxWidth - 1
 // steps before the tile (and, in the backward, after it) come through shared memory.
+// Steps are scan steps: the window walks the scan order (launch.h), memory is read and
+// written at ScanOrder::pos. The backward's dweight and dbias are block sums added with
+// float atomics, or (deterministic) stored per block and added up in a fixed order by
+// conv_partials_kernel.
 //   pre_t = bias + sum_k w_k x_{t-(W-1)+k},   out_t = act(pre_t)
 //   dpre_t = dout_t act'(pre_t),  dx_s = sum_k w_k dpre_{s+(W-1)-k},
 //   dw_k = sum_t dpre_t x_{t-(W-1)+k},  dbias = sum_t dpre_t
@@ -45,14 +49,15 @@ __global__ void __launch_bounds__(kConvThreads) conv_fwd_kernel(const ConvParams
     const int t0 = (blockIdx.x % p.ntiles) * kTile;
     const int idx = t0 + threadIdx.x * kN;
     const T* x = static_cast<const T*>(p.x) + int64_t(row) * L;
+    const ScanOrder order = order_of(p);
 
     Acc xv[kN];
-    load_items<kN>(x, idx, L, p.vec_ok, xv);
+    load_items<kN>(x, order, idx, p.vec_ok, xv);
 #pragma unroll
     for (int i = 0; i < kN; ++i) xs[kConvHalo + threadIdx.x * kN + i] = xv[i];
     if (threadIdx.x < kConvHalo) {
         const int t = t0 - kConvHalo + int(threadIdx.x);
-        xs[threadIdx.x] = t >= 0 ? static_cast<Acc>(x[t]) : Acc(0);
+        xs[threadIdx.x] = t >= 0 ? static_cast<Acc>(x[order.pos(t)]) : Acc(0);
     }
     Acc w[kWidth];
 #pragma unroll
@@ -67,7 +72,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_fwd_kernel(const ConvParams
         const Acc pre = conv_pre<kWidth>(w, bias, win, kConvHalo + i);
         o[i] = p.silu ? silu_(pre) : pre;
     }
-    store_items<kN>(static_cast<T*>(p.out) + int64_t(row) * L, idx, L, p.vec_ok, o);
+    store_items<kN>(static_cast<T*>(p.out) + int64_t(row) * L, order, idx, p.vec_ok, o);
 }
 
 template <typename T, int kWidth>
@@ -81,24 +86,26 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(const ConvParams
 
     const int tid = threadIdx.x;
     const int row = blockIdx.x / p.ntiles;
+    const int tile = blockIdx.x % p.ntiles;
     const int d = row % p.dim;
     const int L = p.seqlen;
-    const int t0 = (blockIdx.x % p.ntiles) * kTile;
+    const int t0 = tile * kTile;
     const int idx = t0 + tid * kN;
     const int64_t off = int64_t(row) * L;
     const T* x = static_cast<const T*>(p.x) + off;
     const T* dout = static_cast<const T*>(p.dout) + off;
+    const ScanOrder order = order_of(p);
 
     Acc xv[kN], dov[kN];
-    load_items<kN>(x, idx, L, p.vec_ok, xv);
-    load_items<kN>(dout, idx, L, p.vec_ok, dov);  // 0 past L, so dpre is too
+    load_items<kN>(x, order, idx, p.vec_ok, xv);
+    load_items<kN>(dout, order, idx, p.vec_ok, dov);  // 0 past L, so dpre is too
 #pragma unroll
     for (int i = 0; i < kN; ++i) xs[kConvHalo + tid * kN + i] = xv[i];
     if (tid < kConvHalo) {
         const int before = t0 - kConvHalo + tid;
-        xs[tid] = before >= 0 ? static_cast<Acc>(x[before]) : Acc(0);
+        xs[tid] = before >= 0 ? static_cast<Acc>(x[order.pos(before)]) : Acc(0);
         const int after = t0 + kTile + tid;
-        xs[kConvHalo + kTile + tid] = after < L ? static_cast<Acc>(x[after]) : Acc(0);
+        xs[kConvHalo + kTile + tid] = after < L ? static_cast<Acc>(x[order.pos(after)]) : Acc(0);
     }
     Acc w[kWidth];
 #pragma unroll
@@ -128,7 +135,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(const ConvParams
             Acc pre = bias;
 #pragma unroll
             for (int k = 0; k < kWidth; ++k) pre += w[k] * xs[kConvHalo + kTile + tid - (kWidth - 1) + k];
-            const Acc go = static_cast<Acc>(dout[t]);
+            const Acc go = static_cast<Acc>(dout[order.pos(t)]);
             dp = p.silu ? go * dsilu_(pre) : go;
         }
         dps[kTile + tid] = dp;
@@ -143,7 +150,7 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(const ConvParams
         for (int k = 0; k < kWidth; ++k) acc += w[k] * dps[tid * kN + i + (kWidth - 1) - k];
         dxv[i] = acc;
     }
-    store_items<kN>(static_cast<T*>(p.dx) + off, idx, L, p.vec_ok, dxv);
+    store_items<kN>(static_cast<T*>(p.dx) + off, order, idx, p.vec_ok, dxv);
 
     const int lane = tid & 31, warp = tid >> 5;
 #pragma unroll
@@ -159,9 +166,29 @@ __global__ void __launch_bounds__(kConvThreads) conv_bwd_kernel(const ConvParams
         Acc s = Acc(0);
 #pragma unroll
         for (int wi = 0; wi < kConvWarps; ++wi) s += red_s[wi][tid];
-        Acc* dst = tid < kWidth ? static_cast<Acc*>(p.dweight) + d * kWidth + tid : static_cast<Acc*>(p.dbias) + d;
-        atomicAdd(dst, s);
+        if (p.partials != nullptr) {
+            const int b = row / p.dim;
+            static_cast<Acc*>(p.partials)[((int64_t(b) * p.ntiles + tile) * p.dim + d) * (kWidth + 1) + tid] = s;
+        } else {
+            Acc* dst = tid < kWidth ? static_cast<Acc*>(p.dweight) + d * kWidth + tid : static_cast<Acc*>(p.dbias) + d;
+            atomicAdd(dst, s);
+        }
     }
+}
+
+// Deterministic backward: dweight and dbias from the per-block partials, added in a fixed
+// order (batch, then tile); one thread per output element.
+template <typename Acc>
+__global__ void conv_partials_kernel(const ConvParams p) {
+    const int W = p.width;
+    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // over (dim, W + 1)
+    if (i >= int64_t(p.dim) * (W + 1)) return;
+    const Acc* part = static_cast<const Acc*>(p.partials);
+    const int64_t stride = int64_t(p.dim) * (W + 1);
+    Acc s = Acc(0);
+    for (int64_t r = 0; r < int64_t(p.batch) * p.ntiles; ++r) s += part[r * stride + i];
+    const int d = static_cast<int>(i / (W + 1)), k = static_cast<int>(i % (W + 1));
+    *(k < W ? static_cast<Acc*>(p.dweight) + int64_t(d) * W + k : static_cast<Acc*>(p.dbias) + d) = s;
 }
 
 template <typename T, template <typename, int> class Launch>
@@ -177,16 +204,20 @@ void dispatch_width(const ConvParams& p, cudaStream_t stream) {
 template <typename T, int kWidth>
 struct ConvFwd {
     static void run(const ConvParams& p, cudaStream_t stream) {
-        conv_fwd_kernel<T, kWidth><<<p.batch * p.dim * p.ntiles, kConvThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(conv_fwd_kernel<T, kWidth>, dim3(p.batch * p.dim * p.ntiles), dim3(kConvThreads), stream, p);
     }
 };
 
 template <typename T, int kWidth>
 struct ConvBwd {
     static void run(const ConvParams& p, cudaStream_t stream) {
-        conv_bwd_kernel<T, kWidth><<<p.batch * p.dim * p.ntiles, kConvThreads, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_kernel(conv_bwd_kernel<T, kWidth>, dim3(p.batch * p.dim * p.ntiles), dim3(kConvThreads), stream, p);
+        if (p.partials != nullptr) {
+            constexpr int kThreads = 256;
+            const int64_t n = int64_t(p.dim) * (kWidth + 1);
+            launch_kernel(conv_partials_kernel<acc_t<T>>, dim3(unsigned((n + kThreads - 1) / kThreads)),
+                          dim3(kThreads), stream, p);
+        }
     }
 };
 

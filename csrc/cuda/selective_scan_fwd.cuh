@@ -6,7 +6,8 @@
 // through shared memory.
 //
 // The same kernel is the first pass of the backward (kBwdPrep): it then records the
-// state at every chunk start, and computes dz, which needs the full y = C.h + D u.
+// state at every chunk start (deterministic backward: at the start of every warp's share
+// of a chunk), and computes dz, which needs the full y = C.h + D u.
 #pragma once
 
 #include "selective_scan_segments.cuh"
@@ -29,6 +30,8 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_fwd_kernel(const ScanPar
     __shared__ Affine<Acc> scan_s[2 * kWarps];
 
     const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
     const int bd = blockIdx.x;  // batch * dim + channel
     const int seg = blockIdx.y;
     const int b = bd / p.dim;
@@ -37,6 +40,7 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_fwd_kernel(const ScanPar
     const int L = p.seqlen;
     const int N = p.dstate;
     const int64_t row = int64_t(bd) * L;
+    const ScanOrder order = order_of(p);
 
     const T* u = static_cast<const T*>(p.u) + row;
     const T* delta = static_cast<const T*>(p.delta) + row;
@@ -58,8 +62,8 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_fwd_kernel(const ScanPar
         __syncthreads();  // carry_s written by the last thread in the previous chunk
         const int t0 = c * kChunk + tid * kN;
         Acc uv[kN], dt[kN], dtu[kN], y[kN];
-        load_items<kN>(u, t0, L, p.vec_ok, uv);
-        load_items<kN>(delta, t0, L, p.vec_ok, dt);
+        load_items<kN>(u, order, t0, p.vec_ok, uv);
+        load_items<kN>(delta, order, t0, p.vec_ok, dt);
 #pragma unroll
         for (int i = 0; i < kN; ++i) {
             Acc x = dt[i] + bias;
@@ -74,16 +78,14 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_fwd_kernel(const ScanPar
 #pragma unroll 1
         for (int n = 0; n < N; ++n) {
             Acc Bv[kN], Cv[kN], av[kN];
-            load_items<kN>(Bg + int64_t(n) * L, t0, L, p.vec_ok, Bv);
-            if constexpr (kNeedY) load_items<kN>(Cg + int64_t(n) * L, t0, L, p.vec_ok, Cv);
+            load_items<kN>(Bg + int64_t(n) * L, order, t0, p.vec_ok, Bv);
+            if constexpr (kNeedY) load_items<kN>(Cg + int64_t(n) * L, order, t0, p.vec_ok, Cv);
             const Acc An = A_s[n];
             Acc carry = Acc(0);
             Affine<Acc> agg{Acc(1), Acc(0)};
             if (tid == 0) {
                 carry = carry_s[n];
                 agg.b = carry;
-                if constexpr (kBwdPrep)
-                    static_cast<Acc*>(p.chunk_states)[(int64_t(bd) * p.nchunks + c) * N + n] = carry;
             }
 #pragma unroll
             for (int i = 0; i < kN; ++i) {
@@ -93,6 +95,13 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_fwd_kernel(const ScanPar
             const Affine<Acc> ex = block_exclusive_scan<kScanThreads, false>(agg, scan_s, parity);
             parity ^= 1;
             Acc h = tid == 0 ? carry : ex.b;
+            if constexpr (kBwdPrep) {
+                // The state before this thread's steps is what its warp starts from.
+                if (lane == 0 && (warp == 0 || p.states_per_chunk == kWarps)) {
+                    const int64_t k = int64_t(c) * p.states_per_chunk + (p.states_per_chunk == kWarps ? warp : 0);
+                    static_cast<Acc*>(p.chunk_states)[(int64_t(bd) * p.nchunks * p.states_per_chunk + k) * N + n] = h;
+                }
+            }
 #pragma unroll
             for (int i = 0; i < kN; ++i) {
                 h = av[i] * h + dtu[i] * Bv[i];
@@ -108,29 +117,28 @@ __global__ void __launch_bounds__(kScanThreads, 4) scan_fwd_kernel(const ScanPar
         if constexpr (!kBwdPrep) {
             if constexpr (kHasZ) {
                 Acc zv[kN];
-                load_items<kN>(static_cast<const T*>(p.z) + row, t0, L, p.vec_ok, zv);
+                load_items<kN>(static_cast<const T*>(p.z) + row, order, t0, p.vec_ok, zv);
 #pragma unroll
                 for (int i = 0; i < kN; ++i) y[i] = (y[i] + Dd * uv[i]) * silu_(zv[i]);
             } else {
 #pragma unroll
                 for (int i = 0; i < kN; ++i) y[i] += Dd * uv[i];
             }
-            store_items<kN>(static_cast<T*>(p.out) + row, t0, L, p.vec_ok, y);
+            store_items<kN>(static_cast<T*>(p.out) + row, order, t0, p.vec_ok, y);
         } else if constexpr (kHasZ) {
             Acc zv[kN], dout[kN];
-            load_items<kN>(static_cast<const T*>(p.z) + row, t0, L, p.vec_ok, zv);
-            load_items<kN>(static_cast<const T*>(p.dout) + row, t0, L, p.vec_ok, dout);
+            load_items<kN>(static_cast<const T*>(p.z) + row, order, t0, p.vec_ok, zv);
+            load_items<kN>(static_cast<const T*>(p.dout) + row, order, t0, p.vec_ok, dout);
 #pragma unroll
             for (int i = 0; i < kN; ++i) y[i] = dout[i] * (y[i] + Dd * uv[i]) * dsilu_(zv[i]);
-            store_items<kN>(static_cast<T*>(p.dz) + row, t0, L, p.vec_ok, y);
+            store_items<kN>(static_cast<T*>(p.dz) + row, order, t0, p.vec_ok, y);
         }
     }
 }
 
 template <typename T, bool kHasZ, bool kBwdPrep>
 void launch_scan_fwd_kernel(const ScanParams& p, cudaStream_t stream) {
-    scan_fwd_kernel<T, kHasZ, kBwdPrep><<<dim3(p.batch * p.dim, p.nseg), kScanThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(scan_fwd_kernel<T, kHasZ, kBwdPrep>, dim3(p.batch * p.dim, p.nseg), dim3(kScanThreads), stream, p);
 }
 
 template <typename T>

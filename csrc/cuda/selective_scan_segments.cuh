@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_segment_map_kernel(const Sc
     const int L = p.seqlen;
     const int N = p.dstate;
     const int64_t row = int64_t(bd) * L;
+    const ScanOrder order = order_of(p);
     const int64_t group_off = (int64_t(b) * p.groups + g) * N * L;
     // Forward steps need u and B, reverse steps dout (z) and C.
     const T* BC = static_cast<const T*>(kReverse ? p.C : p.B) + group_off;
@@ -56,17 +57,17 @@ __global__ void __launch_bounds__(kScanThreads) scan_segment_map_kernel(const Sc
         const int c = kReverse ? c_begin + c_count - 1 - k : c_begin + k;
         const int t0 = c * kChunk + tid * kN;
         Acc dt[kN], w[kN];  // w: dt * u (forward) or dy (reverse)
-        load_items<kN>(static_cast<const T*>(p.delta) + row, t0, L, p.vec_ok, dt);
+        load_items<kN>(static_cast<const T*>(p.delta) + row, order, t0, p.vec_ok, dt);
         if constexpr (kReverse) {
-            load_items<kN>(static_cast<const T*>(p.dout) + row, t0, L, p.vec_ok, w);  // 0 past L
+            load_items<kN>(static_cast<const T*>(p.dout) + row, order, t0, p.vec_ok, w);  // 0 past L
             if constexpr (kHasZ) {
                 Acc zv[kN];
-                load_items<kN>(static_cast<const T*>(p.z) + row, t0, L, p.vec_ok, zv);
+                load_items<kN>(static_cast<const T*>(p.z) + row, order, t0, p.vec_ok, zv);
 #pragma unroll
                 for (int i = 0; i < kN; ++i) w[i] *= silu_(zv[i]);
             }
         } else {
-            load_items<kN>(static_cast<const T*>(p.u) + row, t0, L, p.vec_ok, w);  // 0 past L
+            load_items<kN>(static_cast<const T*>(p.u) + row, order, t0, p.vec_ok, w);  // 0 past L
         }
 #pragma unroll
         for (int i = 0; i < kN; ++i) {
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_segment_map_kernel(const Sc
 #pragma unroll 1
         for (int n = 0; n < N; ++n) {
             Acc v[kN];
-            load_items<kN>(BC + int64_t(n) * L, t0, L, p.vec_ok, v);
+            load_items<kN>(BC + int64_t(n) * L, order, t0, p.vec_ok, v);
             const Acc An = A_s[n];
             Affine<Acc> agg{Acc(1), Acc(0)};
             if (tid == kFirst) agg = carry_s[n];
@@ -119,13 +120,12 @@ __global__ void scan_segment_prefix_kernel(const ScanParams p) {
 template <typename T, bool kHasZ, bool kReverse>
 void launch_segment_carries(const ScanParams& p, cudaStream_t stream) {
     if (p.nseg == 1) return;
-    scan_segment_map_kernel<T, kHasZ, kReverse><<<dim3(p.batch * p.dim, p.nseg), kScanThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(scan_segment_map_kernel<T, kHasZ, kReverse>, dim3(p.batch * p.dim, p.nseg), dim3(kScanThreads),
+                  stream, p);
     constexpr int kPrefixThreads = 256;
     const int64_t threads = int64_t(p.batch) * p.dim * p.dstate;
     const unsigned blocks = static_cast<unsigned>((threads + kPrefixThreads - 1) / kPrefixThreads);
-    scan_segment_prefix_kernel<acc_t<T>, kReverse><<<blocks, kPrefixThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(scan_segment_prefix_kernel<acc_t<T>, kReverse>, dim3(blocks), dim3(kPrefixThreads), stream, p);
 }
 
 }  // namespace segmamba_cuda
