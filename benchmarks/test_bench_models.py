@@ -9,6 +9,7 @@ allocations cannot hide another's.
     pytest benchmarks/test_bench_models.py --benchmark-only                      # full suite
     SEGMAMBA_BENCH_QUICK=1 pytest benchmarks/test_bench_models.py --benchmark-only   # CI, seconds
     SEGMAMBA_BENCH_DEVICE=cpu pytest ...                                          # force CPU on a GPU machine
+    SEGMAMBA_BENCH_CHANNELS_LAST=0 pytest ...     # NCDHW (default: channels-last on CPU, as the trainer)
 
 Full suite: every model at crops 48^3, 64^3, 96^3 with batch 1 on CPU (about an hour on 2 cores:
 MedNeXt's training step alone takes minutes at 96^3), 128^3 with batch 2 on CUDA; 3 rounds after
@@ -34,6 +35,8 @@ DEVICE = os.environ.get("SEGMAMBA_BENCH_DEVICE") or ("cuda" if torch.cuda.is_ava
 BATCH = 2 if DEVICE == "cuda" else 1
 CROPS = (QUICK_CROP,) if QUICK else ((128,) if DEVICE == "cuda" else (48, 64, 96))
 MODELS = QUICK_MODELS if QUICK else MODEL_NAMES
+# Every model in the memory format the trainer uses on this device (segmamba.models.channels_last).
+CHANNELS_LAST = os.environ.get("SEGMAMBA_BENCH_CHANNELS_LAST", "1" if DEVICE == "cpu" else "0") == "1"
 ROUNDS = 1 if QUICK else 3
 WARMUP = 0 if QUICK else 1
 MEMORY_TIMEOUT_S = 300 if QUICK else 1800
@@ -46,7 +49,7 @@ def test_model_step(benchmark, model_name: str, crop: int, mode: str) -> None:
     reason = unrunnable_reason(model_name, crop)
     if reason:
         pytest.skip(f"{model_name} at {crop}^3: {reason}")
-    case = Case(model_name, crop, mode, DEVICE, BATCH, repeats=ROUNDS, tiny=QUICK)
+    case = Case(model_name, crop, mode, DEVICE, BATCH, repeats=ROUNDS, tiny=QUICK, channels_last=CHANNELS_LAST)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -55,7 +58,8 @@ def test_model_step(benchmark, model_name: str, crop: int, mode: str) -> None:
     step = prepare(case, model)
     benchmark.group = f"models {mode} {crop}^3"
     benchmark.extra_info.update(model=model_name, crop=crop, mode=mode, batch=BATCH, tiny=QUICK,
-                                params=sum(p.numel() for p in model.parameters()), backend=scan_backend(DEVICE))
+                                channels_last=CHANNELS_LAST, params=sum(p.numel() for p in model.parameters()),
+                                backend=scan_backend(DEVICE))
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
     if DEVICE == "cuda":
         benchmark.extra_info["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -250,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N (default cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="run the model in channels-last 3D memory format (default: on for a CPU device, off for CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (minutes of compilation first; pays off for many cases)")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -269,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    channels_last = torch.device(args.device).type == "cpu" if args.channels_last is None else args.channels_last
+    if channels_last:
+        from .models.channels_last import to_channels_last
+
+        to_channels_last(model)
+    if args.compile:
+        model = torch.compile(model)
     roi = tcfg["roi_size"]
     args.out.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []

@@ -192,6 +192,10 @@ def _run(args, d: Dist, device: torch.device) -> int:
 
     torch.manual_seed(args.seed)
     model, mcfg = build_model(args, device, desc)
+    if args.channels_last:
+        from .models.channels_last import to_channels_last
+
+        to_channels_last(model)
     optimizer = make_optimizer(args, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(args.epochs * args.iters_per_epoch))
     start_epoch, best, best_epoch = 0, -math.inf, -1
@@ -206,6 +210,8 @@ def _run(args, d: Dist, device: torch.device) -> int:
     net = model
     if d.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:  # the training forward only; validation windows run the plain model
+        net = torch.compile(net)
 
     samples = args.iters_per_epoch * args.batch_size * d.world
     train_ds = PatchDataset(train_cases, args.roi, samples, args.seed, args.pos_fraction, args.elastic)

@@ -36,6 +36,7 @@ IN_CHANS = OUT_CHANS = 4  # BraTS: four MRI modalities in, labels 0..3 out
 # Small configurations for the quick mode (CI): same code paths, a fraction of the work.
 TINY_OVERRIDES: dict[str, dict] = {
     "segmamba": {"feat_size": (8, 16, 32, 64), "depths": (1, 1, 1, 1), "hidden_size": 64},
+    "segmamba_nomamba": {"feat_size": (8, 16, 32, 64), "hidden_size": 64},
     "unetr": {"feature_size": 8, "hidden_size": 48, "mlp_dim": 96, "num_heads": 2},
     "swinunetr": {"feature_size": 12, "depths": (1, 1, 1, 1)},
     "swinunetr_v2": {"feature_size": 12, "depths": (1, 1, 1, 1)},
@@ -57,6 +58,8 @@ class Case:
     warmup: int = 1
     tiny: bool = False
     max_seconds: float = 120.0
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -82,6 +85,7 @@ class Result:
     peak_mb: float | None = None
     idle_mb: float | None = None
     backend: str | None = None
+    first_s: float | None = None  # the first (warm-up) step: with --compile, the compilation
 
     @property
     def median_s(self) -> float | None:
@@ -138,6 +142,14 @@ def prepare(case: Case, model: torch.nn.Module) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(0)
     shape = (case.batch, IN_CHANS) + (case.crop,) * 3
     x = torch.randn(shape, generator=gen).to(dev)
+    if case.channels_last:
+        from segmamba.models.channels_last import CHANNELS_LAST, to_channels_last
+
+        to_channels_last(model)
+        x = x.contiguous(memory_format=CHANNELS_LAST)  # once here, not by the model's hook in every step
+    if case.compile:
+        # Parameters stay shared with `model`, so the optimiser below updates the compiled module's.
+        model = torch.compile(model)
     if case.mode == "infer":
         model.eval()
 
@@ -185,15 +197,20 @@ def measure(case: Case) -> Result:
     params = sum(p.numel() for p in model.parameters())
     step = prepare(case, model)
     idle = rss_mb() if case.device == "cpu" else torch.cuda.memory_allocated() / 2**20
-    for _ in range(case.warmup):
+    first = None
+    for i in range(case.warmup):
+        start = time.perf_counter()
         step()
+        if i == 0:
+            first = time.perf_counter() - start
     times: list[float] = []
     while len(times) < case.repeats and sum(times) < case.max_seconds:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     peak = peak_rss_mb() if case.device == "cpu" else torch.cuda.max_memory_allocated() / 2**20
-    return Result(case, "ok", params=params, times_s=times, peak_mb=peak, idle_mb=idle, backend=scan_backend(case.device))
+    return Result(case, "ok", params=params, times_s=times, peak_mb=peak, idle_mb=idle,
+                  backend=scan_backend(case.device), first_s=first)
 
 
 def _measure_safely(case: Case) -> Result:

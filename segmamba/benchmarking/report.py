@@ -67,6 +67,23 @@ def load_average() -> str:
         return "unknown"
 
 
+# A 1-minute load average above this at the start means other processes were running: times taken
+# then are not comparable with a quiet machine's (a measurement process itself adds about 1 later).
+BUSY_LOAD = 0.5
+
+
+def busy_warning() -> str | None:
+    """A warning for the table header and stderr when the machine is busy now, else None."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if load <= BUSY_LOAD:
+        return None
+    return (f"the machine was busy at the start (1-minute load average {load:.2f} > {BUSY_LOAD}): other processes "
+            f"competed for the CPUs, so times are unreliable; re-run on a quiet machine")
+
+
 NOTE_WIDTH = 40  # longer notes go below the table, keyed by a footnote number
 
 
@@ -110,6 +127,8 @@ def markdown_table(results: Sequence[Result], meta: dict[str, str]) -> str:
         f"- batch {first.batch}, {IN_OUT}, median of up to {first.repeats} timed steps after {first.warmup} warm-up"
         + (" (tiny configurations: quick mode)" if first.tiny else ""),
         "- train step = forward + cross-entropy + backward + SGD step; peak MB = " + mem_kind,
+        f"- every model alike: memory format {'channels-last 3D' if first.channels_last else 'contiguous (NCDHW)'}, "
+        f"torch.compile {'on (default mode)' if first.compile else 'off'}",
         "",
         "| model | crop | params (M) | inference s | train step s | peak MB inference | peak MB train |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -125,6 +144,10 @@ def markdown_table(results: Sequence[Result], meta: dict[str, str]) -> str:
             lines.append(f"| {model} | {crop}³ | {p} | {_cell_time(inf, notes)} | {_cell_time(tr, notes)} | "
                          f"{_cell_mem(inf)} | {_cell_mem(tr)} |")
     lines += [""] + [f"- [{i}] {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
+    if first.compile:
+        firsts = [f"{r.case.model} {r.case.crop}³ {r.case.mode} {r.first_s:.0f} s" for r in results
+                  if r.status == "ok" and r.first_s is not None]
+        lines += ["First (warm-up) step, compilation included: " + "; ".join(firsts) + ".", ""]
     lines += _ratio_lines(idx, models, crops)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -68,18 +68,36 @@ def _innermost(evt, prefix: str):
     return evt
 
 
+def _outermost(evt, prefix: str):
+    """The furthest ancestor of `evt` (itself included) whose name starts with `prefix`, or None."""
+    found = None
+    while evt is not None:
+        if evt.name.startswith(prefix):
+            found = evt
+        evt = evt.cpu_parent
+    return found
+
+
+def owners(events) -> dict[int, str]:
+    """Autograd sequence number -> path of the innermost module whose forward created that node."""
+    owner: dict[int, str] = {}
+    for e in events:
+        if (e.sequence_nr >= 0 and e.sequence_nr not in owner
+                and not e.name.startswith((MODULE_PREFIX, BACKWARD_PREFIX))):
+            mod = _innermost(e, MODULE_PREFIX)
+            if mod is not None:
+                owner[e.sequence_nr] = mod.name[len(MODULE_PREFIX):]
+    return owner
+
+
 def attribute(events, names: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
     """(forward seconds, backward seconds) per module path from a profiler's `events()`."""
     fwd: dict[str, float] = defaultdict(float)
     bwd: dict[str, float] = defaultdict(float)
-    owner: dict[int, str] = {}
     for e in events:
         if e.name.startswith(MODULE_PREFIX):
             fwd[e.name[len(MODULE_PREFIX):]] += e.cpu_time_total / 1e6
-        elif e.sequence_nr >= 0 and not e.name.startswith(BACKWARD_PREFIX) and e.sequence_nr not in owner:
-            mod = _innermost(e, MODULE_PREFIX)
-            if mod is not None:
-                owner[e.sequence_nr] = mod.name[len(MODULE_PREFIX):]
+    owner = owners(events)
     known = set(names)
     for e in events:
         # Top-level backward nodes only: a custom op's backward may run a nested backward inside.
@@ -93,6 +111,10 @@ def attribute(events, names: Sequence[str]) -> tuple[dict[str, float], dict[str,
     return dict(fwd), dict(bwd)
 
 
+LAYOUT_COPIES = "layout copies (copy_/flip/clone: scan orders, memory formats, contiguous)"
+# Goal for the layout copies' share of a training step's op time once the kernels walk the scan orders.
+LAYOUT_GOAL_PCT = 2.0
+
 # Profiler op name -> kind; the first matching substring wins, so specific names come first.
 OP_KINDS: tuple[tuple[str, str], ...] = (
     ("selective_scan", "selective scan (ToM)"),
@@ -103,10 +125,12 @@ OP_KINDS: tuple[tuple[str, str], ...] = (
     ("mm", "matrix products (linear)"),
     ("linear", "matrix products (linear)"),
     ("norm", "normalisation"),
-    ("copy_", "layout copies (flip/permute/contiguous)"),
-    ("flip", "layout copies (flip/permute/contiguous)"),
-    ("clone", "layout copies (flip/permute/contiguous)"),
-    ("cat", "layout copies (flip/permute/contiguous)"),
+    ("copy_", LAYOUT_COPIES),
+    ("flip", LAYOUT_COPIES),
+    ("clone", LAYOUT_COPIES),
+    # The decoder's skip concatenation is part of the architecture (every U-Net baseline has it), not
+    # a layout change, so it is kept apart from the copies the scan orders and memory formats cost.
+    ("cat", "concatenation (decoder skips)"),
     ("sgd", "optimiser"),
     ("_foreach", "optimiser"),
 )
@@ -157,9 +181,46 @@ def stage_totals(order: Sequence[str], fwd: dict[str, float], bwd: dict[str, flo
     return totals
 
 
-def profile_model(model_name: str, crop: int, device: str, batch: int, tiny: bool = False, depth: int = 3) -> str:
+def _stage_label(path: str) -> str:
+    """The stage of a module path (its own or its nearest ancestor's), else its top-level module."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        label = next((lab for pat, lab in STAGE_PATTERNS if re.fullmatch(pat, prefix)), None)
+        if label is not None:
+            return label
+    return parts[0]
+
+
+OUTSIDE = "outside the model (loss, optimiser, gradient accumulation)"
+
+
+def layout_copy_sources(events) -> dict[str, float]:
+    """Self seconds of the layout-copy ops per stage, forward and backward together.
+
+    A forward op belongs to the innermost module range around it; an op inside a backward node to
+    the module whose forward created that node (the outermost node: a custom op's backward may run
+    a nested backward).
+    """
+    owner = owners(events)
+    out: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.name.startswith(MODULE_PREFIX) or op_kind(e.name) != LAYOUT_COPIES:
+            continue
+        mod = _innermost(e, MODULE_PREFIX)
+        if mod is not None:
+            path = mod.name[len(MODULE_PREFIX):]
+        else:
+            node = _outermost(e, BACKWARD_PREFIX)
+            path = owner.get(node.sequence_nr) if node is not None else None
+        out[_stage_label(path) if path else OUTSIDE] += e.self_cpu_time_total / 1e6
+    return dict(out)
+
+
+def profile_model(model_name: str, crop: int, device: str, batch: int, tiny: bool = False, depth: int = 3,
+                  channels_last: bool = False) -> str:
     """Markdown: per-stage, per-module and per-op-kind breakdown of one training step of `model_name`."""
-    case = Case(model_name, crop, "train", device, batch, repeats=1, tiny=tiny)
+    case = Case(model_name, crop, "train", device, batch, repeats=1, tiny=tiny, channels_last=channels_last)
     torch.manual_seed(0)
     model = build(case)
     step = prepare(case, model)
@@ -173,9 +234,17 @@ def profile_model(model_name: str, crop: int, device: str, batch: int, tiny: boo
         step()
         total = time.perf_counter() - start
     ranges.remove()
-    fwd, bwd = attribute(prof.events(), ranges.order)
-    lines = [f"## {model_name}, train step at {crop}³, batch {batch}, {device}: {total:.3f} s profiled "
+    events = prof.events()
+    fwd, bwd = attribute(events, ranges.order)
+    kinds = op_kinds(prof, device)
+    ktotal = sum(kinds.values())
+    copies = kinds.get(LAYOUT_COPIES, 0.0)
+    pct = 100 * copies / ktotal if ktotal > 0 else 0.0
+    layout = ", channels-last 3D" if channels_last else ""
+    lines = [f"## {model_name}, train step at {crop}³, batch {batch}, {device}{layout}: {total:.3f} s profiled "
              f"(warm-up step {plain:.3f} s unprofiled)", "",
+             f"**Layout copies: {pct:.1f}% of the step's op time ({copies:.3f} s; goal < {LAYOUT_GOAL_PCT:g}%: "
+             f"{'met' if pct < LAYOUT_GOAL_PCT else 'not met'})**; where they are: the last table.", "",
              "### Stages", "", "| stage | forward s | backward s | share of step |", "| --- | ---: | ---: | ---: |"]
     stages = stage_totals(ranges.order, fwd, bwd)
     for label, (f, b) in stages.items():
@@ -190,19 +259,27 @@ def profile_model(model_name: str, crop: int, device: str, batch: int, tiny: boo
             indent = "&nbsp;&nbsp;" * name.count(".")
             lines.append(f"| {indent}{name} ({type(model.get_submodule(name)).__name__}) | {f:.3f} | {b:.3f} | "
                          f"{_pct(f + b, total)} |")
-    kinds = op_kinds(prof, device)
-    ktotal = sum(kinds.values())
     lines += ["", f"### Operation kinds ({'device' if device == 'cuda' else 'CPU'} self time, same step)", "",
               "| kind | seconds | share |", "| --- | ---: | ---: |"]
     for kind, sec in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {sec:.3f} | {_pct(sec, ktotal)} |")
+    if device == "cpu":  # CPU self times of ops: on CUDA the copies' host-side share would mislead
+        sources = layout_copy_sources(events)
+        lines += ["", "### Layout copies by stage (forward and backward)", "",
+                  "| stage | seconds | share of the step's op time |", "| --- | ---: | ---: |"]
+        for label, sec in sorted(sources.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {label} | {sec:.3f} | {_pct(sec, ktotal)} |")
     return "\n".join(lines) + "\n"
 
 
-def profile_report(models: Sequence[str], crops: Sequence[int], device: str, batch: int, tiny: bool = False) -> str:
-    from .report import load_average, machine_info
+def profile_report(models: Sequence[str], crops: Sequence[int], device: str, batch: int, tiny: bool = False,
+                   channels_last: bool = False) -> str:
+    from .report import busy_warning, load_average, machine_info
 
     meta = machine_info(device)
     head = ["# Training-step profile", ""] + [f"- {k}: {v}" for k, v in meta.items()]
-    head += [f"- load average (1/5/15 min): {load_average()}", ""]
-    return "\n".join(head) + "\n" + "\n".join(profile_model(m, c, device, batch, tiny) for c in crops for m in models)
+    head += [f"- load average (1/5/15 min): {load_average()}"]
+    warning = busy_warning()
+    head += [f"- **WARNING**: {warning}", ""] if warning else [""]
+    return "\n".join(head) + "\n" + "\n".join(profile_model(m, c, device, batch, tiny, channels_last=channels_last)
+                                              for c in crops for m in models)

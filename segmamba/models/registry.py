@@ -10,7 +10,8 @@ of the model's total downsampling: segmamba 16, unetr 16 (and its input must equ
 ``roi_size``, the ViT has fixed position embeddings), swinunetr / swinunetr_v2 32, segresnet
 8, mednext 16. segmamba, swinunetr(_v2) and mednext normalise their deepest stage, which
 fails on a single voxel, so they also need one side of at least twice the multiple (16^3 is
-too small for segmamba, 32^3 for SwinUNETR).
+too small for segmamba, 32^3 for SwinUNETR). segmamba_nomamba is segmamba without its Mamba
+layers (the control that shows what the scans add), with segmamba's constraints.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 from monai.networks.nets import UNETR, MedNeXt, SegResNet, SwinUNETR
 from torch import nn
 
+from .channels_last import use_instance_norm_without_views
 from .segmamba import SIZE_MULTIPLE, SegMamba
 
-MODEL_NAMES = ("segmamba", "unetr", "swinunetr", "swinunetr_v2", "segresnet", "mednext")
+MODEL_NAMES = ("segmamba", "segmamba_nomamba", "unetr", "swinunetr", "swinunetr_v2", "segresnet", "mednext")
 
 Roi = tuple[int, int, int]
 
@@ -56,10 +58,15 @@ def _monai_io_3d(in_chans: int, out_chans: int, roi: Roi) -> dict[str, Any]:
 
 _SWIN = {"feature_size": 48, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24), "use_checkpoint": False}
 
+_SEGMAMBA_DEFAULTS = {k: v for k, v in _signature_defaults(SegMamba).items() if k not in ("in_chans", "out_chans")}
+
 _SPECS: dict[str, _Spec] = {
-    "segmamba": _Spec(SegMamba, lambda i, o, roi: {"in_chans": i, "out_chans": o},
-                      {k: v for k, v in _signature_defaults(SegMamba).items() if k not in ("in_chans", "out_chans")},
-                      SIZE_MULTIPLE),
+    "segmamba": _Spec(SegMamba, lambda i, o, roi: {"in_chans": i, "out_chans": o}, _SEGMAMBA_DEFAULTS, SIZE_MULTIPLE),
+    # The control of the quality comparison: SegMamba with every Mamba layer replaced by the identity
+    # (no Mamba layers at all), everything else the same, as in "nnU-Net Revisited" (Isensee et al.,
+    # 2024) for U-Mamba. Its depths are fixed, so no override can put the layers back.
+    "segmamba_nomamba": _Spec(SegMamba, lambda i, o, roi: {"in_chans": i, "out_chans": o, "depths": (0, 0, 0, 0)},
+                              {k: v for k, v in _SEGMAMBA_DEFAULTS.items() if k != "depths"}, SIZE_MULTIPLE),
     "unetr": _Spec(UNETR, lambda i, o, roi: {"in_channels": i, "out_channels": o, "img_size": roi},
                    {"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "proj_type": "conv",
                     "norm_name": "instance", "res_block": True, "dropout_rate": 0.0},
@@ -127,7 +134,7 @@ def model_config(name: str, in_chans: int = 4, out_chans: int = 4,
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         owned = sorted(set(overrides) & set(fixed))
-        why = f" ({owned} are set from in_chans/out_chans/roi_size)" if owned else ""
+        why = f" ({owned} are set from in_chans/out_chans/roi_size or fixed for {name})" if owned else ""
         raise ValueError(f"overrides: {name} does not take {unknown}{why}; it takes {sorted(accepted)}")
     return _plain({"name": name, "in_chans": in_chans, "out_chans": out_chans, "roi_size": roi,
                    **spec.defaults, **overrides})
@@ -138,9 +145,12 @@ def build_model(name: str, in_chans: int = 4, out_chans: int = 4,
     """Model ``name`` (one of MODEL_NAMES) for ``in_chans`` inputs and ``out_chans`` output logits.
 
     ``roi_size`` is the training / sliding-window crop (UNETR is built for exactly that size);
-    ``overrides`` replace the registry defaults of the model's constructor arguments.
+    ``overrides`` replace the registry defaults of the model's constructor arguments. Instance
+    norms are :class:`segmamba.models.channels_last.InstanceNorm3d` (the same function, faster).
     """
     cfg = model_config(name, in_chans, out_chans, roi_size, **overrides)
     spec = _spec(name)
     kwargs = {k: v for k, v in cfg.items() if k not in ("name", "in_chans", "out_chans", "roi_size")}
-    return spec.cls(**spec.fixed(in_chans, out_chans, tuple(cfg["roi_size"])), **kwargs)
+    model = spec.cls(**spec.fixed(in_chans, out_chans, tuple(cfg["roi_size"])), **kwargs)
+    # Every model alike: the same instance norm, computed without returning views (channels_last.py).
+    return use_instance_norm_without_views(model)
