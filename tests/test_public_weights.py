@@ -210,7 +210,9 @@ def test_public_checkpoint_converts_for_predict(tmp_path, capsys):
     load_public_state_dict(model, sd)
     x = torch.randn(SHAPE)
     with torch.no_grad():
-        torch.testing.assert_close(net.to(torch.float32)(x), model.eval()(x))
+        # The loaded net runs the registry's instance norm and the compiled kernels, `model` the
+        # reference backend and torch's norm: the same function, float32 rounding apart.
+        torch.testing.assert_close(net.to(torch.float32)(x), model.eval()(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(PublicWeightsError, match="modalities: the model takes 2 channels, got 4"):
         convert_public_checkpoint(tmp_path / "public.pt", tmp_path / "x.pt", (32, 32, 32))
     torch.save(_public_state_dict(_model()), tmp_path / "three.pt")
