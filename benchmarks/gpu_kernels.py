@@ -2,11 +2,16 @@
 
     python benchmarks/gpu_kernels.py --out results.md            # GPU: batch 2, dim 96, N 16, L = 64^3, 32^3, 16^3
     python benchmarks/gpu_kernels.py --quick --device cpu        # tiny shapes on CPU (tests/test_bench.py runs this)
+    python benchmarks/gpu_kernels.py --orders forward reverse inter_slice --deterministic-too --out o.md
 
 Backends: `cuda` (when built) and `triton` on a GPU, `cpu` (when built) on CPU (never Triton's
 interpreter); `reference` (pure PyTorch, sequential over L) only where L <= --ref-max-len.
 Each op runs in the configuration SegMamba uses (D, z gate, delta_bias, softplus; conv width 4,
-bias, SiLU), in fp32 and bf16, forward and forward+backward. Timing: CUDA events (host clock on
+bias, SiLU), in fp32 and bf16, forward and forward+backward, in each scan order asked for
+(`--orders`; inter_slice with side slices of L = side^3) and, with `--deterministic-too`,
+forward+backward once more with the deterministic backward (`torch.use_deterministic_algorithms`).
+Rows run forward order first, then the other orders, then the deterministic ones, then the
+reference, so a `--time-budget` cuts the least important first. Timing: CUDA events (host clock on
 CPU) around each call after warm-up, median of --repeats; inputs rotate among several copies so
 that small sizes are not served from L2.
 
@@ -81,13 +86,24 @@ def conv_inputs(s: Shape, dtype: torch.dtype, device: str, gen: torch.Generator)
                 bias=torch.randn(s.dim, generator=gen).to(device))
 
 
-def run_scan(x: dict, backend: str) -> torch.Tensor:
+ORDERS = ("forward", "reverse", "inter_slice")
+
+
+def _order(order: str, L: int) -> dict:
+    # inter_slice: as SegMamba scans a side^3 volume, side slices of side^2 tokens (for other L,
+    # the divisor of L nearest its cube root).
+    slices = min((d for d in range(1, L + 1) if L % d == 0), key=lambda d: abs(d - L ** (1 / 3)))
+    return dict(order=order, n_slices=slices if order == "inter_slice" else 1)
+
+
+def run_scan(x: dict, backend: str, order: str) -> torch.Tensor:
     return sk.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                             delta_softplus=True, backend=backend)
+                             delta_softplus=True, backend=backend, **_order(order, x["u"].shape[-1]))
 
 
-def run_conv(x: dict, backend: str) -> torch.Tensor:
-    return sk.causal_conv1d(x["x"], x["weight"], x["bias"], activation="silu", backend=backend)
+def run_conv(x: dict, backend: str, order: str) -> torch.Tensor:
+    return sk.causal_conv1d(x["x"], x["weight"], x["bias"], activation="silu", backend=backend,
+                            **_order(order, x["x"].shape[-1]))
 
 
 OPS: dict[str, tuple[Callable, Callable, Callable]] = {
@@ -138,7 +154,8 @@ def backends_for(device: str) -> list[str]:
 
 
 def measure_row(op: str, shape: Shape, dtype: torch.dtype, backend: str, backward: bool, device: str,
-                warmup: int, repeats: int) -> tuple[float, int, float | None]:
+                warmup: int, repeats: int, order: str = "forward",
+                deterministic: bool = False) -> tuple[float, int, float | None]:
     """(median seconds, minimal bytes, rel err of the forward vs float64 reference or None)."""
     make, run, nbytes = OPS[op]
     gen = torch.Generator().manual_seed(0)
@@ -149,8 +166,9 @@ def measure_row(op: str, shape: Shape, dtype: torch.dtype, backend: str, backwar
         sets = sets[:1]  # caches are not the question on CPU, memory is
     err = None
     if not backward and backend != "reference":
-        ref = run({k: v.double() for k, v in sets[0].items()}, "reference") if shape.L <= 4096 or device == "cpu" else None
-        err = rel_err(run(sets[0], backend), ref) if ref is not None else None
+        ref = (run({k: v.double() for k, v in sets[0].items()}, "reference", order)
+               if shape.L <= 4096 or device == "cpu" else None)
+        err = rel_err(run(sets[0], backend, order), ref) if ref is not None else None
     if backward:
         for x in sets:
             for t in x.values():
@@ -161,12 +179,17 @@ def measure_row(op: str, shape: Shape, dtype: torch.dtype, backend: str, backwar
             x = sets[i % len(sets)]
             for t in x.values():
                 t.grad = None
-            run(x, backend).backward(dout)
+            run(x, backend, order).backward(dout)
     else:
         def fn(i: int) -> None:
             with torch.no_grad():
-                run(sets[i % len(sets)], backend)
-    return median_seconds(fn, device, warmup, repeats), row_bytes, err
+                run(sets[i % len(sets)], backend, order)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        return median_seconds(fn, device, warmup, repeats), row_bytes, err
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", type=int, nargs="+", default=[64, 32, 16], help="L = side^3 (not with --quick)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
+    p.add_argument("--orders", nargs="+", choices=ORDERS, default=["forward"], help="scan orders (default forward)")
+    p.add_argument("--deterministic-too", action="store_true",
+                   help="also time forward+backward with the deterministic backward")
     p.add_argument("--ref-max-len", type=int, default=4096, help="longest L the slow reference backend is timed at")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
@@ -194,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"# Kernel timings on {where}", "",
               f"torch {torch.__version__}, backends {backends_for(args.device)}, median of {args.repeats} after {args.warmup} warm-up",
               f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)", "",
-              "| op | dtype | L | backend | pass | median ms | GB/s | % of copy | rel err |",
-              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+              "| op | dtype | L | order | backend | pass | median ms | GB/s | % of copy | rel err |",
+              "| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     rows: list[str] = []
 
     def emit(row: str) -> None:
@@ -206,18 +232,25 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n".join(header), flush=True)
     fast = backends_for(args.device)
-    plan = [(op, shape, dname, backend, backward) for op in args.ops for shape in shapes for dname in args.dtypes
-            for backend in fast + (["reference"] if shape.L <= args.ref_max_len else []) for backward in (False, True)]
-    plan.sort(key=lambda row: row[3] == "reference")  # the slow reference last, so the budget cuts it first
+    passes = [(False, False), (True, False)] + ([(True, True)] if args.deterministic_too else [])
+    plan = [(op, shape, dname, order, backend, backward, det) for op in args.ops for shape in shapes
+            for dname in args.dtypes for order in args.orders
+            for backend in fast + (["reference"] if shape.L <= args.ref_max_len else [])
+            for backward, det in passes if not (det and backend == "reference")]
+    # The budget cuts from the end: the slow reference last, before it the deterministic rows, then
+    # the other orders; the default configuration first.
+    plan.sort(key=lambda row: (row[4] == "reference", row[6], row[3] != "forward"))
     started = time.perf_counter()
-    for op, shape, dname, backend, backward in plan:
-        label = f"| {op} | {dname} | {shape.L} | {backend} | {'fwd+bwd' if backward else 'fwd'} |"
+    for op, shape, dname, order, backend, backward, det in plan:
+        pass_name = ("fwd+bwd det" if det else "fwd+bwd") if backward else "fwd"
+        label = f"| {op} | {dname} | {shape.L} | {order} | {backend} | {pass_name} |"
         if time.perf_counter() - started > args.time_budget:
             emit(f"{label} skipped: time budget | | | |")
             continue
         warmup, reps = (args.warmup, args.repeats) if backend != "reference" else (1, min(args.repeats, 3))
         try:
-            sec, nbytes, err = measure_row(op, shape, DTYPES[dname], backend, backward, args.device, warmup, reps)
+            sec, nbytes, err = measure_row(op, shape, DTYPES[dname], backend, backward, args.device, warmup, reps,
+                                           order, det)
         except Exception as e:  # one failing backend must not hide the others' numbers
             emit(f"{label} error: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | |")
             continue

@@ -114,23 +114,39 @@ def test_stage_profile_covers_the_training_step() -> None:
 
 def test_gpu_kernels_script_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "k.md"
-    proc = _run(["benchmarks/gpu_kernels.py", "--quick", "--device", "cpu", "--out", str(out)], timeout=300)
+    proc = _run(["benchmarks/gpu_kernels.py", "--quick", "--device", "cpu", "--out", str(out), "--orders", "forward",
+                 "reverse", "inter_slice", "--deterministic-too"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.strip("|").split("|") for line in out.read_text().splitlines() if line.startswith("| selective")
             or line.startswith("| causal")]
-    backends = {r[3].strip() for r in rows}
+    backends = {r[4].strip() for r in rows}
     assert "reference" in backends
-    for op, dtype, L, backend, kind, ms, gbs, pct, err in (map(str.strip, r) for r in rows):
-        assert float(ms) > 0 and float(gbs) > 0, (op, backend, kind)
+    for op, dtype, L, order, backend, kind, ms, gbs, pct, err in (map(str.strip, r) for r in rows):
+        assert float(ms) > 0 and float(gbs) > 0, (op, order, backend, kind)
         if err != "-":  # forward of a fast backend against the float64 reference on the same inputs
-            assert float(err) < (1e-5 if dtype == "fp32" else 2e-2), (op, dtype, L, backend, err)
-    assert {(r[0].strip(), r[4].strip()) for r in rows} >= {("selective_scan", "fwd"), ("selective_scan", "fwd+bwd"),
-                                                            ("causal_conv1d", "fwd"), ("causal_conv1d", "fwd+bwd")}
+            assert float(err) < (1e-5 if dtype == "fp32" else 2e-2), (op, dtype, L, order, backend, err)
+    passes = {(r[0].strip(), r[3].strip(), r[5].strip()) for r in rows}
+    assert passes >= {(op, order, kind) for op in ("selective_scan", "causal_conv1d")
+                      for order in ("forward", "reverse", "inter_slice") for kind in ("fwd", "fwd+bwd", "fwd+bwd det")}
 
 
 def test_gpu_check_script_parses() -> None:
     proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_check_dry_run_fits_its_window() -> None:
+    """--dry-run prints the plan without a GPU: the default check ends by 6 minutes (a 15-minute
+    lease runs it twice), its test part by 3 minutes after the build, and its test files exist."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    deadlines = {m[0]: int(m[1]) for m in re.findall(r"^(\S+)\s+by\s+(\d+) s:", proc.stdout, re.M)}
+    assert set(deadlines) >= {"build", "tests", "kernel-timings", "models-128"}, proc.stdout
+    assert max(d for name, d in deadlines.items() if name != "models-128") <= 360
+    assert deadlines["tests"] - deadlines["build"] <= 180
+    files = re.search(r"^  tests = .* -m 'not emulated' (.*)$", proc.stdout, re.M).group(1).split()
+    assert files and all((ROOT / f).is_file() for f in files), files
 
 
 @pytest.mark.parametrize("argv", [["--models", "nope"], ["--crops", "0"], ["--device", "tpu"], ["--rounds", "0"],

@@ -114,7 +114,7 @@ def check_carries_and_orders(ext: ModuleType, dev: torch.device, order: str, sms
     planner sizes it), in the given scan order, against a float64 computation; the
     deterministic backward repeatable bit for bit. `ext` is the CUDA extension (or, to check
     this test itself, the CPU emulator's, tests/test_cuda_emulated.py)."""
-    from segmamba.models.orders import from_order, to_order
+    from segmamba_kernels import from_order, to_order
     from segmamba_kernels.reference import causal_conv1d_ref
 
     dtype, N, groups, S, chunk = torch.float32, 16, 2, 16, 128 * 4

@@ -387,7 +387,7 @@ def scan_positions(L: int, reverse: bool, slices: int) -> torch.Tensor:
 
 
 def test_scan_positions_are_the_model_orders():
-    from segmamba.models.orders import to_order
+    from segmamba_kernels import to_order
 
     x = torch.arange(60.0)
     assert torch.equal(x[scan_positions(60, True, 1)], to_order(x, "reverse", 1))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import segmamba_kernels as sk
-from segmamba.models.orders import from_order, to_order
+from segmamba_kernels import from_order, to_order
 
 if not sk.backend_status()["triton"][0]:
     pytest.skip(f"triton backend unavailable: {sk.backend_status()['triton'][1]}", allow_module_level=True)

@@ -28,10 +28,19 @@ def config(num_warps: int, maxnreg: int | None = None, **block: int) -> triton.C
     return triton.Config(dict(block), num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
 
 
-def first_only_under_interpreter(configs: list[triton.Config]) -> list[triton.Config]:
-    """Autotuning benchmarks every config; under the interpreter that would multiply
-    the (slow) run time, so there exactly one config survives."""
-    return configs[:1] if INTERPRET else configs
+AUTOTUNE_ENV = "SEGMAMBA_TRITON_AUTOTUNE"
+
+
+def configs_to_try(configs: list[triton.Config], named_args: dict) -> list[triton.Config]:
+    """The configs autotuning compiles and times for one launch. Each costs a cold compile
+    (seconds) per specialisation, so only the first survives where speed does not matter:
+    under the interpreter (where running one is slow enough), for float64 (a correctness
+    dtype), and when ``SEGMAMBA_TRITON_AUTOTUNE=0`` (tests on a GPU: benchmarks/gpu_check.sh)."""
+    flag = os.environ.get(AUTOTUNE_ENV, "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV}: expected 0 or 1, got {flag!r}")
+    fp64 = any(getattr(v, "dtype", None) == torch.float64 for v in named_args.values())
+    return configs[:1] if INTERPRET or fp64 or flag == "0" else configs
 
 
 # --------------------------------------------------------------------------- launching

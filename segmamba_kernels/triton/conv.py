@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (INTERPRET, as_i64, checked_grid, config, first_only_under_interpreter, launch,
+from ._common import (INTERPRET, as_i64, checked_grid, config, configs_to_try, launch,
                       order_constexprs, silu_and_grad, slice_position, step_back)
 
 if INTERPRET:
@@ -53,7 +53,7 @@ KEY = ["dim", "L", "slices", "W", "SILU", "REVERSE", "SLICED"]
 def _prune(configs: list[triton.Config], named_args: dict, **_) -> list[triton.Config]:
     smallest = min(c.kwargs["BLOCK_L"] for c in configs)
     limit = max(triton.next_power_of_2(named_args["L"]), smallest)
-    return first_only_under_interpreter([c for c in configs if c.kwargs["BLOCK_L"] <= limit])
+    return configs_to_try([c for c in configs if c.kwargs["BLOCK_L"] <= limit], named_args)
 
 
 def grid(batch: int, dim: int, L: int, BLOCK_D: int, BLOCK_L: int) -> tuple[int, int, int]:

@@ -85,7 +85,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (INTERPRET, as_i64, checked_grid, config, first_only_under_interpreter, launch,
+from ._common import (INTERPRET, as_i64, checked_grid, config, configs_to_try, launch,
                       order_constexprs, silu_and_grad, slice_position, softplus, softplus_grad, tile_start)
 from ._exact import accumulator_value, check_count, exact_add, exact_check, new_accumulator, new_overflow_flag
 
@@ -129,7 +129,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **_) -> list[triton.C
     smallest = min(c.kwargs["BLOCK_L"] for c in configs)
     limit = max(triton.next_power_of_2(L), smallest)
     keep = [c for c in configs if dpg % c.kwargs["BLOCK_D"] == 0 and c.kwargs["BLOCK_L"] <= limit]
-    return first_only_under_interpreter(keep)
+    return configs_to_try(keep, named_args)
 
 
 def pick_configs(configs: list[triton.Config], dpg: int, L: int) -> list[triton.Config]:
