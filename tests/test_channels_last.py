@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmamba.models import SegMamba, build_model
-from segmamba.models.channels_last import CHANNELS_LAST, InstanceNorm3d, to_channels_last
+from segmamba.models.channels_last import CHANNELS_LAST, Conv3d, InstanceNorm3d, to_channels_last, use_onednn_convolutions
 
 FORMATS = {"ncdhw": torch.contiguous_format, "channels_last": CHANNELS_LAST}
 
@@ -65,6 +65,44 @@ def test_instance_norm_falls_back_to_pytorch_elsewhere() -> None:
     assert torch.allclose(InstanceNorm3d(4)(strided), nn.InstanceNorm3d(4)(strided), atol=1e-6)
 
 
+@pytest.mark.parametrize("cin, cout, side, stride, groups", [
+    (4, 48, 17, 1, 1),   # PyTorch's own slow_conv3d path for a batch of one (batch * C * D * H <= 20480)
+    (24, 12, 4, 1, 1),
+    (6, 6, 5, 2, 3),
+    (3, 5, 40, 1, 1),    # big enough for oneDNN either way
+])
+def test_conv3d_matches_pytorch_and_keeps_channels_last(cin: int, cout: int, side: int, stride: int, groups: int) -> None:
+    torch.manual_seed(2)
+    ref = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, groups=groups).double()
+    conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, groups=groups)
+    conv.load_state_dict(ref.state_dict())
+    weight = conv.weight
+    use_onednn_convolutions(conv).to(memory_format=CHANNELS_LAST)
+    assert type(conv) is Conv3d and conv.weight is weight
+    x64 = torch.randn(1, cin, side, side + 1, side - 1, dtype=torch.float64, requires_grad=True)
+    y_ref = ref(x64)
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    x = x64.detach().float().contiguous(memory_format=CHANNELS_LAST).requires_grad_(True)
+    y = conv(x)
+    y.backward(grad.float())
+    assert y.is_contiguous(memory_format=CHANNELS_LAST)
+    scale = y_ref.abs().max()
+    assert (y.double() - y_ref).abs().max() <= 1e-5 * scale
+    for got, want in [(x.grad, x64.grad), (conv.weight.grad, ref.weight.grad), (conv.bias.grad, ref.bias.grad)]:
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_conv3d_leaves_autocast_and_other_inputs_to_pytorch() -> None:
+    torch.manual_seed(3)
+    conv = use_onednn_convolutions(nn.Conv3d(4, 8, 3, padding=1)).to(memory_format=CHANNELS_LAST)
+    x = torch.randn(1, 4, 6, 6, 6).contiguous(memory_format=CHANNELS_LAST)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16  # autocast applied: PyTorch's path
+    ncdhw = torch.randn(1, 4, 6, 6, 6)
+    assert torch.equal(conv(ncdhw), nn.functional.conv3d(ncdhw, conv.weight, conv.bias, padding=1))
+
+
 def test_registry_models_use_it_and_keep_their_state_dicts() -> None:
     for name, kw in [("segmamba", dict(feat_size=(4, 8, 8, 16), depths=(1, 1, 1, 1), hidden_size=16)),
                      ("swinunetr", dict(feature_size=12, depths=(1, 1, 1, 1)))]:
@@ -86,6 +124,7 @@ def test_channels_last_model_matches_ncdhw(batch: int) -> None:
     cl.load_state_dict(ref.state_dict())
     to_channels_last(cl)
     assert cl.encoder.downsample[0].weight.is_contiguous(memory_format=CHANNELS_LAST)
+    assert all(type(m) is not nn.Conv3d for m in cl.modules())
     assert sorted(cl.state_dict()) == sorted(ref.state_dict())
     x = torch.randn(batch, 4, 32, 32, 32)
     target = torch.randint(0, 4, (batch, 32, 32, 32))

@@ -1,9 +1,16 @@
 """Channels-last 3D models on the CPU: oneDNN's fast layout, and an instance norm that keeps it.
 
 oneDNN's 3D convolutions are fastest with channels-last (NDHWC) tensors: measured at 64^3, 48
-channels, one core, forward 0.51 -> 0.31 s, backward 0.58 -> 0.44 s (benchmarks/RESULTS.md). Two
-things in PyTorch undo that layout between the convolutions, and :class:`InstanceNorm3d` fixes
-both without changing the function (it has no parameters, so state dicts are unchanged):
+channels, one core, forward 0.51 -> 0.31 s, backward 0.58 -> 0.44 s (benchmarks/RESULTS.md). Three
+things in PyTorch undo that layout between the convolutions; the classes here fix them without
+changing the function (no new parameters or buffers, so state dicts are unchanged):
+
+- for a batch of one with a 3x3x3 kernel, PyTorch sends small inputs (batch * C * D * H <= 20480:
+  the 4-channel image at 64^3, every level at 4^3 and 8^3) to its own `slow_conv3d`, which returns
+  NCDHW; the next convolution then copies the whole tensor back to channels-last, and the
+  channels-last weights are copied to NCDHW at every call. :class:`Conv3d` keeps such inputs on
+  oneDNN (measured: 4 -> 48 channels at 64^3, forward + backward 240 -> 179 ms; 384 -> 768 channels
+  at 4^3, 42 -> 29 ms; both before counting the copies they no longer cause);
 
 - `nn.InstanceNorm3d` (no affine, no running statistics: MONAI's "instance" and SegMamba's own)
   converts a channels-last input to NCDHW and returns NCDHW. PyTorch's channels-last group norm is
@@ -22,9 +29,9 @@ its spread its output is off by up to 1e-3 (PyTorch's instance norm: 1e-4; float
 an input alone: 3e-5), and by 3e-6 for centred data.
 
 Other inputs (dtypes other than float32/64, e.g. under bf16 autocast; other layouts; unbatched;
-torch.compile tracing, which fuses norms itself) take nn.InstanceNorm3d's own path.
-:func:`to_channels_last` converts a model: its norms, its weights, and its inputs (a forward
-pre-hook), so callers pass ordinary tensors.
+torch.compile tracing, which fuses norms itself) take nn.InstanceNorm3d's own path, and
+nn.Conv3d's own path likewise. :func:`to_channels_last` converts a model: its norms, its
+convolutions, its weights, and its inputs (a forward pre-hook), so callers pass ordinary tensors.
 """
 
 from __future__ import annotations
@@ -75,7 +82,6 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
 class InstanceNorm3d(nn.InstanceNorm3d):
     """nn.InstanceNorm3d whose output is a tensor of its own, in the input's memory format (module doc)."""
 
-
     def forward(self, x: Tensor) -> Tensor:
         if (self.affine or self.track_running_stats or x.dim() != 5 or x.dtype not in _FAST_DTYPES
                 or torch.compiler.is_compiling()):
@@ -98,6 +104,31 @@ def use_instance_norm_without_views(model: nn.Module) -> nn.Module:
     return model
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that runs channels-last float32 CPU inputs on oneDNN whatever their size (module doc)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.dim() == 5 and x.is_contiguous(memory_format=CHANNELS_LAST)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                # autocast casts F.conv3d's inputs but not a direct aten call; compile has its own plan
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
+                                                     self.dilation, self.groups)
+        return super().forward(x)
+
+
+def use_onednn_convolutions(model: nn.Module) -> nn.Module:
+    """Make, in place, every plain nn.Conv3d of `model` a :class:`Conv3d`; returns `model`. The class
+    of each module is swapped rather than the module replaced, so parameters (and any optimiser or
+    hook holding them) stay the same objects."""
+    for module in model.modules():
+        if type(module) is nn.Conv3d:
+            module.__class__ = Conv3d
+    return model
+
+
 def _inputs_to_channels_last(module: nn.Module, args: tuple) -> tuple:
     if args and isinstance(args[0], Tensor) and args[0].dim() == 5:
         return (args[0].contiguous(memory_format=CHANNELS_LAST),) + tuple(args[1:])
@@ -108,6 +139,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     """Convert `model` in place to run channels-last 3D (module doc); returns it. Outputs are
     channels-last too; state dicts keep their keys and values."""
     use_instance_norm_without_views(model)
+    use_onednn_convolutions(model)
     model.to(memory_format=CHANNELS_LAST)
     model.register_forward_pre_hook(_inputs_to_channels_last)
     return model
