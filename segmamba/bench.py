@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--rounds", type=int, default=3, help="alone/busy pairs per configuration (default 3)")
     b.add_argument("--pin", action="store_true", help="pin the busy process to CPU 0 (default: the OS places it)")
     b.add_argument("--busy-configs", nargs="+", choices=BUSY_CONFIGS, default=list(BUSY_CONFIGS),
-                   help="library: libgomp's and torch's defaults; segmamba: the trainer's (passive OpenMP waiting)")
+                   help="library: libgomp's and torch's defaults; segmamba: the trainer's (passive OpenMP "
+                        "waiting if another process runs at its start)")
     q = p.add_argument_group("--quality: train, predict and score every model the same way (with --models, --quick)")
     q.add_argument("--quality", action="store_true", help="instead of the comparison, train each model on the "
                    "embedded set and score the test split (writes <device>_quality.md and .png)")

@@ -162,7 +162,18 @@ def make_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
+def use_deterministic_algorithms() -> None:
+    """--deterministic: PyTorch's switch, which our kernels follow (their deterministic backward,
+    docs/design.md §3), and what PyTorch needs besides on a GPU. PyTorch ops without a deterministic
+    implementation warn (naming the op) instead of stopping the run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its first handle
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def run(args) -> int:
+    if args.deterministic:
+        use_deterministic_algorithms()
     d, device = setup(args.device)
     try:
         return _run(args, d, device)

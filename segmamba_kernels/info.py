@@ -13,6 +13,19 @@ from .dispatch import backend_status, cpu_isa_level, cpu_isa_supported, determin
 
 EXTENSION_MODULES = ("_cpu_baseline", "_cpu_avx2", "_cpu_avx512", "_cuda")
 
+# Said every time because no GPU has run this code in the project's CI: what stands in for one.
+GPU_VERIFICATION = """\
+how the GPU code is verified without a GPU (every CI run):
+  csrc/cuda  compiled by nvcc for sm_80/sm_90, and run on the CPU by an emulator (csrc/emu:
+             permuted thread and block orders, counted barriers, NaN shared memory, a race
+             detector; pytest -m emulated) against the float64 reference; a mutation script
+             shows every removed __syncthreads and every atomicAdd made a plain += caught
+  triton     run by TRITON_INTERPRET=1 against the reference, and compiled for sm_80/sm_90 with
+             registers, spills and shared memory checked (tests/test_triton_compile.py)
+  not seen   true concurrency inside a warp and between blocks, the GPU memory model, GPU
+             arithmetic (__expf, FMA contraction: agreement to rounding only), timing and
+             occupancy; benchmarks/gpu_check.sh checks these on a GPU"""
+
 
 def build_info() -> dict:
     try:
@@ -52,6 +65,7 @@ def report() -> str:
     lines.append("backends:")
     for name, (usable, why) in backend_status().items():
         lines.append(f"  {name:<10} {'usable' if usable else 'unavailable':<12} {why}")
+    lines.append(GPU_VERIFICATION)
     return "\n".join(lines)
 
 

@@ -205,6 +205,7 @@ def test_unbuilt_cpu_backend_says_how_to_build():
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "segmamba_kernels.info"], capture_output=True, text=True, check=True)
     assert "backends:" in out.stdout and "reference" in out.stdout and "CPU SIMD" in out.stdout
+    assert "verified without a GPU" in out.stdout and "not seen" in out.stdout
 
 
 # --------------------------------------------------------------------------- bad input

@@ -24,7 +24,7 @@ from segmamba.benchmarking.quality import SMALL_CONFIGS as QUALITY_CONFIGS
 from segmamba.benchmarking.quality import markdown as quality_markdown
 from segmamba.benchmarking.report import busy_warning, markdown_table
 from segmamba.benchmarking.stages import profile_model
-from segmamba.cpu_threads import library_default_env
+from segmamba.cpu_threads import library_default_env, own_choice_env
 from segmamba.models import build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,26 +231,61 @@ def _policy_in_fresh_interpreter(code: str, **env: str) -> list[str]:
     return proc.stdout.strip().splitlines()
 
 
-def test_wait_policy_is_passive_unless_the_user_chose_or_torch_came_first() -> None:
+def test_wait_policy_passive_unless_the_user_chose_or_torch_came_first() -> None:
     show = "import os, segmamba.cpu_threads as c; print(c.WAIT_POLICY_NOTE); print(os.environ.get('OMP_WAIT_POLICY'))"
-    note, policy = _policy_in_fresh_interpreter(show)
-    assert policy == "PASSIVE" and note.startswith("OpenMP wait policy: passive")
+    note, policy = _policy_in_fresh_interpreter(show, SEGMAMBA_CPU_TUNING="passive")
+    assert policy == "PASSIVE" and note.startswith("OpenMP wait policy: passive"), note
     note, policy = _policy_in_fresh_interpreter(show, OMP_WAIT_POLICY="ACTIVE")
     assert policy == "ACTIVE" and "as set by the user (OMP_WAIT_POLICY=ACTIVE)" in note
     note, policy = _policy_in_fresh_interpreter(show, SEGMAMBA_CPU_TUNING="0")
     assert policy == "None" and "library default" in note
-    note, policy = _policy_in_fresh_interpreter("import torch; " + show)
+    note, policy = _policy_in_fresh_interpreter("import torch; " + show, SEGMAMBA_CPU_TUNING="passive")
     assert policy == "None" and "torch was imported before" in note
     # The trainer's module sets it before it imports torch.
     note, policy = _policy_in_fresh_interpreter(
         "import os, segmamba.train, segmamba.cpu_threads as c; print(c.WAIT_POLICY_NOTE); "
-        "print(os.environ.get('OMP_WAIT_POLICY'))")
+        "print(os.environ.get('OMP_WAIT_POLICY'))", SEGMAMBA_CPU_TUNING="passive")
     assert policy == "PASSIVE", note
+    with pytest.raises(AssertionError, match="SEGMAMBA_CPU_TUNING: expected one of"):
+        _policy_in_fresh_interpreter(show, SEGMAMBA_CPU_TUNING="yes")
+
+
+def test_wait_policy_auto_is_passive_beside_a_busy_process() -> None:
+    show = "import os, segmamba.cpu_threads as c; print(c.WAIT_POLICY_NOTE); print(os.environ.get('OMP_WAIT_POLICY'))"
+    spinner = start_spinner(pin_cpu=None)
+    try:
+        time.sleep(0.3)
+        note, policy = _policy_in_fresh_interpreter(show)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert policy == "PASSIVE" and "another process running at start" in note, note
+
+
+@pytest.mark.parametrize("counts, expected", [([1, 1, 1], 0), ([3, 1, 2], 0), ([2, 3, 2], 1), ([5, 4, 6], 3),
+                                              ([], None)])
+def test_other_runnable_tasks_takes_the_least_reading(tmp_path: Path, monkeypatch, counts, expected) -> None:
+    from segmamba import cpu_threads
+
+    readings = iter(counts)
+
+    def fake_open(path, *a, **k):
+        if path != "stat":
+            raise OSError(path)
+        import io
+        return io.StringIO("cpu  1 2 3\n" + (f"procs_running {next(readings)}\n" if counts else "") + "procs_blocked 0\n")
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    got = cpu_threads.other_runnable_tasks(samples=max(1, len(counts)), interval_s=0.0, stat="stat")
+    assert got == expected
+    assert cpu_threads.other_runnable_tasks(samples=1, interval_s=0.0, stat="missing") is None
 
 
 def test_library_default_env_drops_only_our_own_policy() -> None:
     ours = library_default_env({"OMP_WAIT_POLICY": "PASSIVE", "SEGMAMBA_SET_OMP_WAIT_POLICY": "1", "X": "1"})
     assert ours == {"X": "1", "SEGMAMBA_CPU_TUNING": "0"}
+    assert own_choice_env({"OMP_WAIT_POLICY": "PASSIVE", "SEGMAMBA_SET_OMP_WAIT_POLICY": "1", "X": "1"}) == {"X": "1"}
+    assert own_choice_env({"OMP_WAIT_POLICY": "ACTIVE"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
     users = library_default_env({"OMP_WAIT_POLICY": "ACTIVE"})
     assert users == {"OMP_WAIT_POLICY": "ACTIVE", "SEGMAMBA_CPU_TUNING": "0"}
 

@@ -102,6 +102,22 @@ def test_resume_is_bit_for_bit(data_dir, tmp_path):
     assert a["best_metric"] == b["best_metric"]
 
 
+def test_deterministic_flag_turns_on_the_kernels_and_pytorch_switches(data_dir, tmp_path, monkeypatch):
+    from segmamba_kernels.dispatch import deterministic_mode
+
+    monkeypatch.delenv("SEGMAMBA_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not deterministic_mode()
+    try:
+        assert train.main(["--data", str(data_dir), "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "1",
+                           "--deterministic", "--out", str(tmp_path / "run"), *FAST, *COMMON]) == 0
+        assert torch.are_deterministic_algorithms_enabled() and deterministic_mode()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+        assert json.loads((tmp_path / "run" / "args.json").read_text())["deterministic"] is True
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     args = ["--data", str(data_dir), "--epochs", "2", "--iters-per-epoch", "1", "--batch-size", "1",
             "--out", str(tmp_path), *FAST, *COMMON]

@@ -10,7 +10,8 @@ machine's load does not favour one side; the slowdown is the median over rounds 
 Configurations:
     library   libgomp's defaults (threads spin-wait at the end of a parallel region) and torch's
               default thread count: what the main job did before segmamba.cpu_threads
-    segmamba  the trainer's own settings (segmamba.cpu_threads: passive waiting)
+    segmamba  the trainer's own settings (segmamba.cpu_threads: passive waiting when another process
+              runs at its start, libgomp's default otherwise; each run chooses for itself)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from segmamba.cpu_threads import library_default_env
+from segmamba.cpu_threads import library_default_env, own_choice_env
 
 CONFIGS = ("library", "segmamba")
 # Shortened main job: two epochs of the preset's 30 steps, the second validated, on the main job's
@@ -63,8 +64,7 @@ def start_spinner(pin_cpu: int | None) -> subprocess.Popen:
 def _env(config: str) -> dict[str, str]:
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
-    env = dict(os.environ)
-    return library_default_env(env) if config == "library" else env
+    return library_default_env(dict(os.environ)) if config == "library" else own_choice_env(dict(os.environ))
 
 
 def run_trainer(config: str, args: Sequence[str], out: Path, timeout_s: float) -> tuple[float | None, str]:
