@@ -56,6 +56,11 @@ def machine_info(device: str) -> dict[str, str]:
         info["kernel backend"] = f"{backend} (ISA {cpu_isa_level()})" if backend == "cpu" else backend
     except Exception as e:  # the table is still worth writing when the kernel library is broken
         info["kernel backend"] = f"unknown ({type(e).__name__}: {e})"
+    if device == "cpu":
+        from segmamba.cpu_threads import WAIT_POLICY_NOTE
+
+        # The measuring processes inherit a passive choice; otherwise each makes its own (quiet: default).
+        info["this process's OpenMP wait policy"] = WAIT_POLICY_NOTE.removeprefix("OpenMP wait policy: ")
     return info
 
 

@@ -1,4 +1,4 @@
-"""Channels-last 3D models on the CPU: oneDNN's fast layout, and an instance norm that keeps it.
+"""Channels-last 3D models on the CPU: oneDNN's fast layout, kept by our instance norm and convolution.
 
 oneDNN's 3D convolutions are fastest with channels-last (NDHWC) tensors: measured at 64^3, 48
 channels, one core, forward 0.51 -> 0.31 s, backward 0.58 -> 0.44 s (benchmarks/RESULTS.md). Three
@@ -11,7 +11,6 @@ changing the function (no new parameters or buffers, so state dicts are unchange
   channels-last weights are copied to NCDHW at every call. :class:`Conv3d` keeps such inputs on
   oneDNN (measured: 4 -> 48 channels at 64^3, forward + backward 240 -> 179 ms; 384 -> 768 channels
   at 4^3, 42 -> 29 ms; both before counting the copies they no longer cause);
-
 - `nn.InstanceNorm3d` (no affine, no running statistics: MONAI's "instance" and SegMamba's own)
   converts a channels-last input to NCDHW and returns NCDHW. PyTorch's channels-last group norm is
   no way out: it computes the variance as E[x^2] - E[x]^2 in float32 and loses all precision when
