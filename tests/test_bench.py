@@ -5,6 +5,7 @@ kernel timing, run here on tiny shapes so that it is tested code), the quality c
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -264,7 +265,7 @@ def test_wait_policy_auto_is_passive_beside_a_busy_process() -> None:
 
 @pytest.mark.parametrize("counts, expected", [([1, 1, 1], 0), ([3, 1, 2], 0), ([2, 3, 2], 1), ([5, 4, 6], 3),
                                               ([], None)])
-def test_other_runnable_tasks_takes_the_least_reading(tmp_path: Path, monkeypatch, counts, expected) -> None:
+def test_other_runnable_tasks_takes_the_least_reading(monkeypatch, counts, expected) -> None:
     from segmamba import cpu_threads
 
     readings = iter(counts)
@@ -272,7 +273,6 @@ def test_other_runnable_tasks_takes_the_least_reading(tmp_path: Path, monkeypatc
     def fake_open(path, *a, **k):
         if path != "stat":
             raise OSError(path)
-        import io
         return io.StringIO("cpu  1 2 3\n" + (f"procs_running {next(readings)}\n" if counts else "") + "procs_blocked 0\n")
 
     monkeypatch.setattr("builtins.open", fake_open)
