@@ -201,21 +201,10 @@ def test_scan_non_contiguous_inputs(backend):
         assert_close_scaled(got_g[k], want_g[k], 1e-5, f"d{k}")
 
 
-def test_batch_strided_inputs(backend):
+def test_batch_strided_inputs(backend, record_ops):
     """Slices along dim 1 of larger tensors (the Mamba layer's x / z halves of xz, B / C of the
     x_proj output): the same results as contiguous copies; a backend with BATCH_STRIDED_INPUTS
     (cpu) reads them in place, without a copy."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     device = _require(backend)
     batch, dim, L, N = 2, (4 if _tiny(backend) else 19), (17 if _tiny(backend) else 150), 4
     g = torch.Generator().manual_seed(0)
@@ -228,7 +217,7 @@ def test_batch_strided_inputs(backend):
     assert not (u.is_contiguous() or z.is_contiguous() or B.is_contiguous())
 
     def run(u, z, B, C, x):
-        with Ops() as ops:
+        with record_ops() as ops:
             out = selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, backend=backend, order="inter_slice",
                                  n_slices=L if _tiny(backend) else 10)
             y = causal_conv1d(x, w, activation="silu", backend=backend, order="reverse")

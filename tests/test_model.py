@@ -13,7 +13,7 @@ import segmamba_kernels as sk
 from segmamba.models import (MODEL_NAMES, MambaLayer, SegMamba, TriOrientedMamba, build_model, min_multiple,
                              model_config, roi_size_error)
 import segmamba.models.mamba as mamba_module
-from segmamba.models.orders import ORDERS, from_order, to_order
+from segmamba_kernels import ORDERS, from_order, to_order
 from segmamba.models.ssm_path import direction_path, ssm_direction
 
 CPU_BUILT, CPU_WHY = sk.backend_status()["cpu"]
@@ -170,24 +170,13 @@ def test_recompute_under_autocast_matches_plain_autograd(monkeypatch):
 @needs_cpu
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("order", ORDERS)
-def test_direction_path_makes_no_layout_copy(order, batch):
+def test_direction_path_makes_no_layout_copy(order, batch, record_ops):
     """The conv and the scan walk the order themselves, the projections write their outputs in
     their layout, and the cpu backend reads the x and z halves of xz (and B, C) where they are,
     whatever their batch stride: a direction's forward and backward run no flip, permute copy,
     clone or contiguous copy (autograd still assembles the gradients of the halves)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     args = direction_args(batch=batch, L=24)
-    with Ops() as ops:
+    with record_ops() as ops:
         y = direction_path(*args, order, 3, "cpu")
         torch.autograd.grad(y, args, torch.randn_like(y))
     copies = [op for op in ops.seen if any(k in op for k in ("flip", "clone", "copy", "contiguous", "permute"))]

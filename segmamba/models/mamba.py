@@ -7,9 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from segmamba_kernels import BACKENDS
+from segmamba_kernels import BACKENDS, ORDERS
 
-from .orders import ORDERS
 from .ssm_path import project, ssm_direction
 
 # dt = softplus(dt_proj.bias) starts log-uniform in this range, as in Mamba.

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .orders import ORDERS
+from segmamba_kernels import ORDERS
+
 from .segmamba import SegMamba
 
 # Direction suffix of the public Mamba module (its bimamba "v3": forward, backward, spatial).
