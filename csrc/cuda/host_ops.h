@@ -52,10 +52,20 @@ inline void check_device(const DeviceContext& ctx, const char* op, const char* n
                 ", got one on ", t.device());
 }
 
-inline void check_io_dtype(const char* op, const Tensor& t) {
+// An op's first input, a (batch, dim, L) sequence: checked before anything else, and the
+// reference for the device, dtype and sizes of the others.
+struct SequenceInput {
+    at::ScalarType io, acc;
+    int64_t batch, dim, L;
+};
+
+inline SequenceInput check_sequence_input(const DeviceContext& ctx, const char* op, const char* name, const Tensor& t) {
+    check_device(ctx, op, name, t);
+    TORCH_CHECK(t.dim() == 3, op, " (cuda backend): ", name, " must be (batch, dim, L), got ", t.sizes());
     const auto st = t.scalar_type();
     TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
                 " (cuda backend): expected dtype float32, float16, bfloat16 or float64, got ", st);
+    return {st, acc_dtype(st), t.size(0), t.size(1), t.size(2)};
 }
 
 inline void check_tensor(const DeviceContext& ctx, const char* op, const char* name, const Tensor& t, const Tensor& ref,
@@ -111,11 +121,7 @@ inline ScanParams scan_params(const DeviceContext& ctx, const char* op, const Te
                               const Tensor& A, const Tensor& B, const Tensor& C, const Tensor& D,
                               const c10::optional<Tensor>& z, const Tensor& delta_bias, bool delta_softplus,
                               const Tensor* dout, bool reverse, int64_t slices) {
-    check_device(ctx, op, "u", u);
-    TORCH_CHECK(u.dim() == 3, op, " (cuda backend): u must be (batch, dim, L), got ", u.sizes());
-    check_io_dtype(op, u);
-    const auto io = u.scalar_type(), acc = acc_dtype(io);
-    const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+    const auto [io, acc, batch, dim, L] = check_sequence_input(ctx, op, "u", u);
     TORCH_CHECK(A.defined() && A.dim() == 2, op, " (cuda backend): A must be (dim, N)");
     TORCH_CHECK(B.defined() && B.dim() == 4, op, " (cuda backend): B must be (batch, groups, N, L), got ",
                 B.defined() ? B.sizes() : at::IntArrayRef{});
@@ -253,11 +259,7 @@ inline std::vector<Tensor> selective_scan_bwd(const DeviceContext& ctx, const Te
 
 inline ConvParams conv_params(const DeviceContext& ctx, const char* op, const Tensor& x, const Tensor& weight,
                               const Tensor& bias, bool silu, const Tensor* dout, bool reverse, int64_t slices) {
-    check_device(ctx, op, "x", x);
-    TORCH_CHECK(x.dim() == 3, op, " (cuda backend): x must be (batch, dim, L), got ", x.sizes());
-    check_io_dtype(op, x);
-    const auto io = x.scalar_type(), acc = acc_dtype(io);
-    const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2);
+    const auto [io, acc, batch, dim, L] = check_sequence_input(ctx, op, "x", x);
     TORCH_CHECK(weight.defined() && weight.dim() == 2, op, " (cuda backend): weight must be (dim, width)");
     const int64_t width = weight.size(1);
     check_tensor(ctx, op, "weight", weight, x, acc, {dim, width});
